@@ -1,0 +1,134 @@
+"""Building and checking ml_collections configs.
+
+Config files under `configs/` are thin: `get_config(arg)` parses its argument string with `parse_arg` and calls
+the builders here. On the command line (absl `config_flags`):
+
+    --config configs/infinity.py:size=infinity_layer24,res=0.25M  --config.bsc.strength=0.2
+
+The argument picks the model size (so that every layout field is filled from the one size table); a `--config.x=v`
+override changes one leaf. `validate` refuses a layout that silently disagrees with its named size (set
+`model.size=custom` to change dimensions by hand), unknown resolutions, and out-of-range settings.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from infinity_jax import schedules
+from infinity_jax.models import sizes
+
+LAYOUT_FIELDS = ("family", "depth", "embed_dim", "num_heads", "ffn_dim", "drop_path", "block_chunks", "shared_aln")
+
+
+def _parse_value(key: str, text: str, default):
+    if isinstance(default, bool):
+        if text.lower() in ("", "1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"config argument {key}={text!r} is not a boolean")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return type(default)(text)
+        except ValueError:
+            raise ValueError(f"config argument {key}={text!r} is not a {type(default).__name__}") from None
+    return text
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses "key=value,flag" into a ConfigDict typed by `defaults` (a bare key sets a boolean to True).
+
+    Unknown keys raise ValueError listing the valid ones.
+    """
+    result = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; valid arguments: {', '.join(defaults)}")
+        result[key] = _parse_value(key, value.strip(), defaults[key])
+    return ml_collections.ConfigDict(result)
+
+
+def model_config(size: str, **extra) -> ml_collections.ConfigDict:
+    """The `model` section: every layout field of a named size, plus family-specific settings."""
+    layout = sizes.get_size(size)
+    model = ml_collections.ConfigDict({"size": sizes.canonical_name(size)})
+    for field in LAYOUT_FIELDS:
+        model[field] = getattr(layout, field)
+    model.update(extra)
+    return model
+
+
+def tokenizer_config(size: str) -> ml_collections.ConfigDict:
+    """The frozen tokenizer a size was released with: d32 at stride 16, or d14 at stride 8 + 2×2 patchify (8B)."""
+    if sizes.canonical_name(size) == "infinity_8b":
+        return ml_collections.ConfigDict({"bits": 14, "stride": 8, "patchify": True})
+    return ml_collections.ConfigDict({"bits": 32, "stride": 16, "patchify": False})
+
+
+def transformer_bits(tokenizer: ml_collections.ConfigDict) -> int:
+    """Bits per transformer token: d, or 4·d when 2×2 patches of an f8 latent form one token."""
+    return tokenizer.bits * (4 if tokenizer.patchify else 1)
+
+
+def infinity_model_config(size: str, tokenizer: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    return model_config(
+        size,
+        bits=transformer_bits(tokenizer),
+        text_dim=sizes.TEXT_DIM,
+        text_maxlen=sizes.TEXT_MAXLEN,
+        cond_drop_rate=0.1,
+    )
+
+
+def var_model_config(size: str) -> ml_collections.ConfigDict:
+    return model_config(size, num_classes=1000, codebook_size=sizes.VAR_CODEBOOK_SIZE, cond_drop_rate=0.1)
+
+
+def bsc_config(strength: float = 0.3) -> ml_collections.ConfigDict:
+    """Bitwise Self-Correction as released (train.sh): every scale, strength 0.3, re-quantized."""
+    return ml_collections.ConfigDict({"strength": strength, "num_flip_scales": -1, "requant": True})
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks a resolved config; raises ValueError naming the offending field. Returns the config."""
+    model = config.model
+    if model.size != "custom":
+        layout = sizes.get_size(model.size)
+        changed = [
+            f"model.{f}={model[f]!r} (size {model.size} has {getattr(layout, f)!r})"
+            for f in LAYOUT_FIELDS
+            if model[f] != getattr(layout, f)
+        ]
+        if changed:
+            raise ValueError(
+                "model layout differs from its named size: "
+                + "; ".join(changed)
+                + ". Pick the size in the config argument (e.g. configs/infinity.py:size=infinity_layer24) "
+                "or set --config.model.size=custom to change dimensions by hand."
+            )
+    if model.embed_dim % model.num_heads:
+        raise ValueError(f"model.embed_dim={model.embed_dim} is not divisible by model.num_heads={model.num_heads}")
+    if "tokenizer" in config:
+        tok = config.tokenizer
+        if tok.stride * (2 if tok.patchify else 1) != schedules.VAE_STRIDE:
+            raise ValueError(
+                f"tokenizer.stride={tok.stride} with patchify={tok.patchify} does not give the transformer's "
+                f"stride {schedules.VAE_STRIDE} (use stride 16, or stride 8 with patchify)"
+            )
+        if model.bits != transformer_bits(tok):
+            raise ValueError(
+                f"model.bits={model.bits} but the tokenizer gives {transformer_bits(tok)} bits per token "
+                f"(tokenizer.bits={tok.bits}, patchify={tok.patchify})"
+            )
+    if "schedule" in config:
+        if model.family == "infinity":
+            schedules.infinity_schedule(1.0, config.schedule.resolution)
+            for template in config.schedule.templates:
+                schedules.template_key(template)
+        else:
+            schedules.var_schedule(config.schedule.resolution)
+    if "bsc" in config and not 0.0 <= config.bsc.strength <= 1.0:
+        raise ValueError(f"bsc.strength must be in [0, 1], got {config.bsc.strength}")
+    return config
