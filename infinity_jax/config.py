@@ -12,10 +12,12 @@ override changes one leaf. `validate` refuses a layout that silently disagrees w
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from infinity_jax import schedules
-from infinity_jax.models import sizes
+from infinity_jax.models import bsq_vae, sizes
 
 LAYOUT_FIELDS = ("family", "depth", "embed_dim", "num_heads", "ffn_dim", "drop_path", "block_chunks", "shared_aln")
 
@@ -60,22 +62,27 @@ def model_config(size: str, **extra) -> ml_collections.ConfigDict:
     return model
 
 
-def tokenizer_config(size: str) -> ml_collections.ConfigDict:
-    """The frozen tokenizer a size was released with: d32 at stride 16, or d14 at stride 8 + 2×2 patchify (8B)."""
-    if sizes.canonical_name(size) == "infinity_8b":
-        return ml_collections.ConfigDict({"bits": 14, "stride": 8, "patchify": True})
-    return ml_collections.ConfigDict({"bits": 32, "stride": 16, "patchify": False})
+def tokenizer_config(name: str) -> ml_collections.ConfigDict:
+    """The `tokenizer` section: a released tokenizer's layout by name (d16, d24, d32, d32reg, d64, d14_f8)."""
+    layout = bsq_vae.get_tokenizer_config(name)
+    return ml_collections.ConfigDict({"name": name, **dataclasses.asdict(layout)})
 
 
-def transformer_bits(tokenizer: ml_collections.ConfigDict) -> int:
-    """Bits per transformer token: d, or 4·d when 2×2 patches of an f8 latent form one token."""
-    return tokenizer.bits * (4 if tokenizer.patchify else 1)
+def default_tokenizer(size: str) -> str:
+    """The tokenizer a size was released with: d32reg (2B), d14 at stride 8 with 2×2 patchify (8B)."""
+    return "d14_f8" if sizes.canonical_name(size) == "infinity_8b" else "d32reg"
+
+
+def tokenizer_layout(tokenizer: ml_collections.ConfigDict) -> bsq_vae.TokenizerConfig:
+    """The `tokenizer` section as the module's layout (raises ValueError for an impossible layout)."""
+    fields = {f.name: tokenizer[f.name] for f in dataclasses.fields(bsq_vae.TokenizerConfig)}
+    return bsq_vae.TokenizerConfig(**fields)
 
 
 def infinity_model_config(size: str, tokenizer: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return model_config(
         size,
-        bits=transformer_bits(tokenizer),
+        bits=tokenizer_layout(tokenizer).token_bits,
         text_dim=sizes.TEXT_DIM,
         text_maxlen=sizes.TEXT_MAXLEN,
         cond_drop_rate=0.1,
@@ -111,16 +118,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if model.embed_dim % model.num_heads:
         raise ValueError(f"model.embed_dim={model.embed_dim} is not divisible by model.num_heads={model.num_heads}")
     if "tokenizer" in config:
-        tok = config.tokenizer
-        if tok.stride * (2 if tok.patchify else 1) != schedules.VAE_STRIDE:
+        layout = tokenizer_layout(config.tokenizer)
+        if layout.stride * (2 if layout.patchify else 1) != schedules.VAE_STRIDE:
             raise ValueError(
-                f"tokenizer.stride={tok.stride} with patchify={tok.patchify} does not give the transformer's "
+                f"tokenizer.stride={layout.stride} with patchify={layout.patchify} does not give the transformer's "
                 f"stride {schedules.VAE_STRIDE} (use stride 16, or stride 8 with patchify)"
             )
-        if model.bits != transformer_bits(tok):
+        if model.bits != layout.token_bits:
             raise ValueError(
-                f"model.bits={model.bits} but the tokenizer gives {transformer_bits(tok)} bits per token "
-                f"(tokenizer.bits={tok.bits}, patchify={tok.patchify})"
+                f"model.bits={model.bits} but the tokenizer gives {layout.token_bits} bits per token "
+                f"(tokenizer.bits={layout.bits}, patchify={layout.patchify})"
             )
     if "schedule" in config:
         if model.family == "infinity":

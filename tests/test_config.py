@@ -57,6 +57,10 @@ def test_validate_refuses_silent_layout_changes():
     c.model.bits = 16
     with pytest.raises(ValueError, match=r"model\.bits=16 but the tokenizer gives 32"):
         config.validate(c)
+    c = _load("configs/infinity.py:size=tiny")
+    c.tokenizer.stride = 12
+    with pytest.raises(ValueError, match="power of two"):
+        config.validate(c)
     c = _load("configs/infinity.py:size=tiny,res=2M")
     with pytest.raises(ValueError, match="valid resolutions"):
         config.validate(c)

@@ -6,9 +6,6 @@ github.com/FoundationVision/Infinity (it needs torch and einops) to run these te
 Each test prints the largest difference it saw.
 """
 
-import importlib
-import os
-import sys
 import types
 from unittest import mock
 
@@ -18,33 +15,24 @@ import pytest
 from infinity_jax import quantizer, schedules
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("einops")
-OFFICIAL = os.environ.get("INFINITY_OFFICIAL")
-pytestmark = pytest.mark.skipif(
-    not OFFICIAL, reason="set INFINITY_OFFICIAL to a checkout of the official Infinity repo"
-)
 
 
 @pytest.fixture(scope="module")
-def official():
-    """The official MultiScaleBSQ and BitwiseSelfCorrection, imported from the checkout by file path."""
-    models_dir = os.path.join(OFFICIAL, "infinity", "models")
-    sys.path.insert(0, models_dir)  # `bsq_vae` is a namespace package there; avoids infinity/__init__ (flash_attn)
-    try:
-        msbsq = importlib.import_module("bsq_vae.multiscale_bsq")
-        bsc = importlib.import_module("bitwise_self_correction")
-    finally:
-        sys.path.remove(models_dir)
-    return msbsq, bsc
+def official_quant(official):
+    """The official MultiScaleBSQ module and BitwiseSelfCorrection module."""
+    return (
+        official("infinity.models.bsq_vae.multiscale_bsq"),
+        official("infinity.models.bitwise_self_correction"),
+    )
 
 
 def _nchw(x):
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 
 
-def _run_official_bsc(official, z, schedule, strength, patchify, seed):
+def _run_official_bsc(official_quant, z, schedule, strength, patchify, seed):
     """Runs the official flip_requant and records the uniform draws and flip probabilities it used."""
-    msbsq, bsc = official
+    msbsq, bsc = official_quant
     d = z.shape[-1]
     quant = msbsq.MultiScaleBSQ(dim=d, codebook_size=2**d, new_quant=True, schedule_mode="dynamic")
     vae = types.SimpleNamespace(quantizer=quant, codebook_dim=d)
@@ -77,8 +65,8 @@ def _run_official_bsc(official, z, schedule, strength, patchify, seed):
 
 
 @pytest.mark.parametrize("template,resolution", [(1.0, "0.06M"), (0.333, "0.25M"), (1.75, "0.06M")])
-def test_multiscale_bsq_matches_official(official, template, resolution):
-    msbsq, _ = official
+def test_multiscale_bsq_matches_official(official_quant, template, resolution):
+    msbsq, _ = official_quant
     schedule = schedules.infinity_schedule(template, resolution)
     d = 32
     h, w = schedule.grid
@@ -97,14 +85,14 @@ def test_multiscale_bsq_matches_official(official, template, resolution):
 @pytest.mark.parametrize(
     "template,resolution,patchify", [(1.0, "0.06M", False), (0.5, "0.25M", False), (1.333, "0.06M", True)]
 )
-def test_bsc_matches_official(official, template, resolution, patchify):
+def test_bsc_matches_official(official_quant, template, resolution, patchify):
     schedule = schedules.infinity_schedule(template, resolution)
     if patchify:
         schedule = schedule.upsampled(2)
     d = 14 if patchify else 32
     h, w = schedule.grid
     z = np.random.default_rng(1).standard_normal((3, h, w, d)).astype(np.float32)
-    inputs, labels, masks = _run_official_bsc(official, z, schedule, 0.3, patchify, seed=2)
+    inputs, labels, masks = _run_official_bsc(official_quant, z, schedule, 0.3, patchify, seed=2)
     assert sum(m.sum() for m in masks) > 0, "the official run flipped nothing; the comparison would be vacuous"
     ours = quantizer.self_correct(z, schedule, masks, patchify=patchify)
     input_err = np.abs(np.asarray(ours.inputs) - inputs).max()

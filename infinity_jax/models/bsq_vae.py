@@ -1,0 +1,256 @@
+"""The BSQ-VAE visual tokenizer (REFERENCE §2): a convolutional encoder/decoder around the bitwise quantizer.
+
+Channels last. Conv → GroupNorm(32, eps 1e-6) → swish residual blocks, no attention; stride-2 downsampling with
+zero padding on the bottom/right only; nearest ×2 upsampling followed by a 3×3 conv; the encoder emits exactly d
+channels (no KL, no projection), the decoder reads them back.
+
+Module names mirror the official state dict (`encoder/down_1/block_0/conv1/kernel` ↔
+`encoder.down.1.block.0.conv1.conv.weight`), so converting an official checkpoint is renaming and transposing.
+Every parameter and the main activations carry logical axis names, so the frozen tokenizer runs batch-sharded
+under `sharding.TOKENIZER_RULES` (weights replicated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACT_AXES = ("act_batch", "act_height", "act_width", "act_channels")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """Layout of one tokenizer.
+
+    bits: d, the latent channels = bits per token.
+    stride: pixels per latent cell (16, or 8 for the 8B model's tokenizer).
+    ch_mult: channel multipliers of the levels (base_ch each); the first log2(stride) levels downsample.
+    patchify: the transformer sees 2×2 latent cells as one token (4·d bits; stride 8 only).
+    """
+
+    bits: int = 32
+    stride: int = 16
+    base_ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4, 4)
+    num_res_blocks: int = 2
+    patchify: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        num_down = round(math.log2(self.stride)) if self.stride > 0 else -1
+        if self.stride < 1 or 2**num_down != self.stride or num_down > len(self.ch_mult) - 1:
+            raise ValueError(
+                f"stride {self.stride} must be a power of two reachable with {len(self.ch_mult)} levels "
+                f"(at most 2^{len(self.ch_mult) - 1})"
+            )
+        if self.patchify and self.stride != 8:
+            raise ValueError("patchify (2×2 latent cells per token) is defined for the stride-8 tokenizer only")
+        if self.bits < 1 or self.num_res_blocks < 1:
+            raise ValueError(f"bits and num_res_blocks must be positive, got {self.bits}, {self.num_res_blocks}")
+
+    @property
+    def num_down(self) -> int:
+        return round(math.log2(self.stride))
+
+    @property
+    def token_bits(self) -> int:
+        """Bits per transformer token."""
+        return self.bits * (4 if self.patchify else 1)
+
+
+# The released tokenizers (REFERENCE §2.1, §6.1). d32reg has d32's layout with other weights.
+TOKENIZERS = {
+    "d16": TokenizerConfig(bits=16),
+    "d24": TokenizerConfig(bits=24),
+    "d32": TokenizerConfig(bits=32),
+    "d32reg": TokenizerConfig(bits=32),
+    "d64": TokenizerConfig(bits=64),
+    "d14_f8": TokenizerConfig(bits=14, stride=8, ch_mult=(1, 2, 4, 4), patchify=True),
+}
+
+
+def get_tokenizer_config(name: str) -> TokenizerConfig:
+    if name not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {name!r}; valid: {', '.join(TOKENIZERS)}")
+    return TOKENIZERS[name]
+
+
+def _constrain(x):
+    return nn.with_logical_constraint(x, ACT_AXES)
+
+
+class Conv(nn.Module):
+    """A conv with logically named (replicable) weights; `padding` as in flax (pairs allowed)."""
+
+    features: int
+    kernel: int = 3
+    strides: int = 1
+    padding: object = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(
+            self.features,
+            (self.kernel, self.kernel),
+            strides=self.strides,
+            padding=self.padding,
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("conv_height", "conv_width", "conv_in", "conv_out")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+            name="conv",
+        )(x)
+
+
+class Norm(nn.Module):
+    """GroupNorm(32, eps 1e-6) with affine parameters (24 groups where 32 do not divide the channels)."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        return nn.GroupNorm(
+            num_groups=32 if channels % 32 == 0 else 24,
+            epsilon=1e-6,
+            dtype=self.dtype,
+            use_fast_variance=False,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+            name="norm",
+        )(x)
+
+
+class ResBlock(nn.Module):
+    """x + conv2(swish(norm2(conv1(swish(norm1(x)))))), with a 1×1 shortcut when the width changes."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = Conv(self.features, dtype=self.dtype, name="conv1")(nn.swish(Norm(self.dtype, name="norm1")(x)))
+        h = Conv(self.features, dtype=self.dtype, name="conv2")(nn.swish(Norm(self.dtype, name="norm2")(h)))
+        if x.shape[-1] != self.features:
+            x = Conv(self.features, kernel=1, padding=0, dtype=self.dtype, name="nin_shortcut")(x)
+        return x + h
+
+
+class Downsample(nn.Module):
+    """3×3 stride-2 conv after zero-padding one row/column at the bottom/right only (the official asymmetry)."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return Conv(x.shape[-1], strides=2, padding=((0, 1), (0, 1)), dtype=self.dtype, name="conv")(x)
+
+
+class Upsample(nn.Module):
+    """Nearest ×2 then a 3×3 conv."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return Conv(x.shape[-1], dtype=self.dtype, name="conv")(x)
+
+
+class Level(nn.Module):
+    """One resolution level: residual blocks, then an optional resampling."""
+
+    features: int
+    num_blocks: int
+    resample: type[nn.Module] | None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for j in range(self.num_blocks):
+            x = ResBlock(self.features, self.dtype, name=f"block_{j}")(x)
+        if self.resample is not None:
+            x = self.resample(self.dtype, name=self.resample.__name__.lower())(x)
+        return _constrain(x)
+
+
+class Mid(nn.Module):
+    """Two residual blocks at the lowest resolution (no attention in the released tokenizers)."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = ResBlock(x.shape[-1], self.dtype, name="block_1")(x)
+        return ResBlock(x.shape[-1], self.dtype, name="block_2")(x)
+
+
+def _output(features: int, h, dtype):
+    """norm_out -> swish -> conv_out, the last layers of the encoder and of the decoder (call inside a module)."""
+    return Conv(features, dtype=dtype, name="conv_out")(nn.swish(Norm(dtype, name="norm_out")(h)))
+
+
+class Encoder(nn.Module):
+    """[B, H, W, 3] in [-1, 1] -> [B, H/stride, W/stride, d] raw latent."""
+
+    config: TokenizerConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        h = Conv(c.base_ch, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        for i, mult in enumerate(c.ch_mult):
+            down = Downsample if i < c.num_down else None
+            h = Level(c.base_ch * mult, c.num_res_blocks, down, self.dtype, name=f"down_{i}")(h)
+        h = Mid(self.dtype, name="mid")(h)
+        return _constrain(_output(c.bits, h, self.dtype).astype(jnp.float32))
+
+
+class Decoder(nn.Module):
+    """[B, h, w, d] latent -> [B, h·stride, w·stride, 3] (not clamped)."""
+
+    config: TokenizerConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z):
+        c = self.config
+        h = Conv(c.base_ch * c.ch_mult[-1], dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
+        h = Mid(self.dtype, name="mid")(h)
+        for i in reversed(range(len(c.ch_mult))):
+            up = Upsample if 1 <= i <= c.num_down else None
+            h = Level(c.base_ch * c.ch_mult[i], c.num_res_blocks + 1, up, self.dtype, name=f"up_{i}")(h)
+        return _constrain(_output(3, h, self.dtype).astype(jnp.float32))
+
+
+class BSQVAE(nn.Module):
+    """Encoder + decoder; the quantizer between them is `infinity_jax.quantizer` (no parameters)."""
+
+    config: TokenizerConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.encoder = Encoder(self.config, self.dtype)
+        self.decoder = Decoder(self.config, self.dtype)
+
+    def encode(self, images):
+        """images [B, H, W, 3] in [-1, 1] -> latent [B, H/stride, W/stride, d] float32."""
+        return self.encoder(images)
+
+    def decode(self, latent):
+        """latent [B, h, w, d] -> images [B, h·stride, w·stride, 3] clamped to [-1, 1]."""
+        return jnp.clip(self.decoder(latent), -1.0, 1.0)
+
+    def __call__(self, images):
+        return self.decode(self.encode(images))
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(nn.unbox(params)))
