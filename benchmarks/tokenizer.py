@@ -4,8 +4,8 @@
     python benchmarks/tokenizer.py --official /path/to/Infinity --results benchmarks/RESULTS.md
 
 Random weights (the architecture decides the speed). Each cell: median of --repeats timed calls after --warmup
-calls, device-synchronised. FLOPs come from XLA's cost analysis of our compiled function (the official model does
-the same convolutions). Prints a table last and, with --results, appends it to that file with date, device,
+calls, device-synchronised. FLOPs are counted from our traced program (`infinity_jax.flops`; the official model
+does the same convolutions). Prints a table last and, with --results, appends it to that file with date, device,
 versions and command.
 """
 
@@ -20,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from infinity_jax.flops import count_flops
 from infinity_jax.models.bsq_vae import TOKENIZERS
 from infinity_jax.tokenizer import Tokenizer
 
@@ -30,12 +31,6 @@ CASES = ((256, 32), (512, 8), (1024, 2))  # (resolution, batch)
 
 def peak_tflops(device) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in device.device_kind), None)
-
-
-def flops_of(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
 
 
 def time_jax(fn, args, warmup: int, repeats: int) -> float:
@@ -75,7 +70,7 @@ def bench_ours(name: str, dtype, warmup: int, repeats: int):
         images = jax.random.uniform(jax.random.key(1), (batch, resolution, resolution, 3), minval=-1, maxval=1)
         latent = encode(tok, images)
         for stage, fn, arg in (("encode", encode, images), ("decode", decode, latent)):
-            flops = flops_of(fn.lower(tok, arg).compile())
+            flops = count_flops(fn, tok, arg)
             seconds = time_jax(fn, (tok, arg), warmup, repeats)
             rows.append((resolution, batch, stage, seconds, flops))
     peak_gb = jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0) / 2**30
