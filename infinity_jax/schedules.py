@@ -61,11 +61,14 @@ class Schedule:
       scales: ((h_1, w_1), ..., (h_K, w_K)) token grids, coarse to fine; tokens of a scale are row-major.
       stride: pixels per token of the last grid (the VAE's spatial stride).
       name: a label such as "1.0@1M" for logs.
+      rope_grid: the grid whose coordinates 2D RoPE uses (the template's 1M grid, so that every resolution
+        shares one position table); None: the schedule's own last grid.
     """
 
     scales: tuple[tuple[int, int], ...]
     stride: int = VAE_STRIDE
     name: str = ""
+    rope_grid: tuple[int, int] | None = None
 
     def __post_init__(self):
         scales = tuple((int(h), int(w)) for h, w in self.scales)
@@ -97,6 +100,11 @@ class Schedule:
         return self.scales[-1]
 
     @property
+    def position_grid(self) -> tuple[int, int]:
+        """The grid RoPE positions are measured on: `rope_grid`, or the last grid."""
+        return self.rope_grid or self.grid
+
+    @property
     def pixel_size(self) -> tuple[int, int]:
         """(H, W) in pixels of the images this schedule tokenizes."""
         h, w = self.grid
@@ -110,7 +118,7 @@ class Schedule:
         """The first `num_scales` scales (e.g. the 0.25M schedule is a prefix of the 1M one)."""
         if not 1 <= num_scales <= self.num_scales:
             raise ValueError(f"prefix length must be in [1, {self.num_scales}], got {num_scales}")
-        return Schedule(self.scales[:num_scales], self.stride, f"{self.name}[:{num_scales}]")
+        return Schedule(self.scales[:num_scales], self.stride, f"{self.name}[:{num_scales}]", self.rope_grid)
 
     def upsampled(self, factor: int) -> Schedule:
         """Grids multiplied by `factor` at stride / factor: the f8 VAE's view of a patchified schedule (§5.6)."""
@@ -153,7 +161,8 @@ def infinity_schedule(h_div_w: float, resolution: str = "1M") -> Schedule:
     """The Infinity schedule of an aspect-ratio template at a resolution ("0.06M", "0.25M", "0.60M", "1M")."""
     template = template_key(h_div_w)
     k = _check_resolution(resolution)
-    return Schedule(TEMPLATE_GRIDS[template][:k], VAE_STRIDE, f"{template}@{resolution}")
+    grids = TEMPLATE_GRIDS[template]
+    return Schedule(grids[:k], VAE_STRIDE, f"{template}@{resolution}", rope_grid=grids[-1])
 
 
 def schedule_for_image(height: int, width: int, resolution: str = "1M") -> Schedule:

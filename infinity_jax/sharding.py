@@ -19,6 +19,18 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # The frozen tokenizer: batch over every data-parallel axis, weights and spatial axes replicated.
 TOKENIZER_RULES = (("act_batch", ("data", "fsdp")),)
 
+# The transformer: FSDP shards the model width over "fsdp", tensor parallelism splits heads and the FFN's hidden
+# width over "tensor". A kernel never names two axes that map to the same mesh axis ("embed_out", the second
+# width axis of square projections, and "text_embed" stay unsharded).
+TRANSFORMER_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+)
+
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None):
     """A ("data", "fsdp", "tensor") mesh; one axis may be -1 (the rest of the devices)."""

@@ -3,6 +3,12 @@
 This must run before JAX initialises its backends, which is why it lives here and not in a fixture.
 """
 
+import os
+
+# Tests check numbers, not speed: LLVM's -O0 halves XLA's CPU compile time, and most of the suite's time is
+# compiling small programs.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)

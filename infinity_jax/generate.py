@@ -1,0 +1,239 @@
+"""Generation: every scale of one schedule inside one compiled function (REFERENCE §5).
+
+Per scale k: the new tokens go through the blocks against a fixed-size KV cache; the head's logits are divided
+by tau_k and, with guidance, mixed as cfg_k·cond + (1 − cfg_k)·uncond; each bit is drawn from its two-way
+softmax after top-k/top-p; the bits become codes, the codes are added to the running latent (bilinearly
+upsampled to the last grid), and the running latent resized bilinearly to scale k+1 is the next input. The
+tokenizer then decodes the latent. The unconditional branch is the learned empty caption cut to each prompt's
+length, a negative prompt, or the null class.
+
+`generate` validates its inputs and calls a compiled function cached per (model, schedule, static options), so
+changing cfg, tau, prompts or keys does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infinity_jax import quantizer
+from infinity_jax.models.transformer import Infinity, TransformerConfig, init_cache
+from infinity_jax.ops.patchify import pixel_shuffle, pixel_unshuffle
+from infinity_jax.ops.resize import bilinear_resize
+from infinity_jax.schedules import Schedule
+from infinity_jax.tokenizer import Tokenizer
+
+
+class Generation(NamedTuple):
+    """bits: per scale [B, h, w, bits] int32; latent: [B, H, W, d] on the tokenizer's grid; images: [B, H·s, W·s, 3]
+    in [-1, 1] when a tokenizer was given; logits: per scale [B, h·w, bits, 2] (after tau and guidance) on request."""
+
+    bits: tuple[jax.Array, ...]
+    latent: jax.Array
+    images: jax.Array | None
+    logits: tuple[jax.Array, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    config: TransformerConfig
+    schedule: Schedule
+    batch: int
+    guided: bool
+    cfg_layer: int
+    patchify: bool
+    teacher_scales: int
+    return_logits: bool
+
+
+def sample_bits(uniform: jax.Array, logits: jax.Array, top_k=0, top_p=0.0) -> jax.Array:
+    """Draws every bit from its two-way logits (REFERENCE §5.3).
+
+    top_k = 1 keeps only the likelier value (greedy); top_k >= 2 changes nothing for two classes. top_p > 0
+    removes the less likely value wherever its probability is <= 1 − top_p (never the likelier one), so a small
+    top_p is greedy and the released 0.97 makes bits with a minority probability <= 0.03 deterministic.
+
+    Args:
+      uniform: [...] uniform draws in [0, 1), one per bit (all scales' draws come from one call).
+      logits: [..., 2].
+      top_k, top_p: numbers or traced scalars (changing them does not recompile).
+
+    Returns:
+      [...] int32 in {0, 1}: 1 where uniform < P(bit = 1).
+    """
+    minority = jnp.argmin(logits, axis=-1)[..., None] == jnp.arange(2)
+    p_min = jnp.min(jax.nn.softmax(logits, axis=-1), axis=-1, keepdims=True)
+    remove = minority & ((top_k == 1) | ((top_p > 0) & (p_min <= 1.0 - top_p)))
+    return (uniform < jax.nn.softmax(jnp.where(remove, -jnp.inf, logits), axis=-1)[..., 1]).astype(jnp.int32)
+
+
+def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p, teacher, tokenizer, static: _Static):
+    c, schedule, batch = static.config, static.schedule, static.batch
+    model = Infinity(c)
+
+    def apply(*args, method, **kwargs):
+        return model.apply({"params": params}, *args, method=method, **kwargs)
+
+    # With guidance the conditioning rows are [cond; uncond] (2·batch), prepared by `generate`.
+    condition = apply(text, text_mask, labels, drop, method=Infinity.condition)
+    cache = init_cache(c, condition.cond.shape[0], schedule)
+    x = apply(condition.cond, method=Infinity.sos)
+    vae_schedule = schedule.upsampled(2) if static.patchify else schedule
+    latent = 0.0
+    all_bits, all_logits = [], []
+    # One draw for every bit of every scale: a random op per scale would cost a compile and a launch each.
+    uniforms = jax.random.uniform(key, (batch, schedule.num_tokens, c.bits))
+    for k, (h, w) in enumerate(schedule.scales):
+        guided_hidden = static.guided and static.cfg_layer < 0
+        mix_after = c.depth + static.cfg_layer if guided_hidden else -1  # cfg_layer −n: after block depth − n
+        hidden, cache = apply(x, condition, schedule, k, cache, mix_after, cfg[k], method=Infinity.step)
+        if static.guided and not guided_hidden:
+            logits = apply(hidden, condition.cond, method=Infinity.logits) / tau[k]
+            logits = cfg[k] * logits[:batch] + (1.0 - cfg[k]) * logits[batch:]
+        else:
+            logits = apply(hidden[:batch], condition.cond[:batch], method=Infinity.logits) / tau[k]
+        uniform = uniforms[:, schedule.offsets[k] : schedule.offsets[k + 1]]
+        bits = sample_bits(uniform, logits, top_k, top_p).reshape(batch, h, w, c.bits)
+        if k < static.teacher_scales:
+            bits = teacher[k]
+        all_bits.append(bits)
+        all_logits.append(logits)
+        codes = quantizer.bits_to_codes(pixel_shuffle(bits) if static.patchify else bits)
+        latent = latent + bilinear_resize(codes, vae_schedule.grid)
+        if k + 1 < schedule.num_scales:
+            nxt = bilinear_resize(latent, vae_schedule.scales[k + 1])
+            nxt = pixel_unshuffle(nxt) if static.patchify else nxt
+            x = apply(nxt.reshape(batch, -1, c.bits), method=Infinity.embed)
+            x = jnp.concatenate([x, x]) if static.guided else x
+    images = tokenizer.decode_latent(latent) if tokenizer is not None else None
+    return Generation(tuple(all_bits), latent, images, tuple(all_logits) if static.return_logits else None)
+
+
+@functools.cache
+def _compiled(static: _Static):
+    return jax.jit(functools.partial(_generate, static=static))
+
+
+def _per_scale(name: str, value, num_scales: int) -> jax.Array:
+    values = np.atleast_1d(np.asarray(value, np.float32))
+    if values.ndim != 1 or values.size not in (1, num_scales):
+        raise ValueError(f"{name} must be a number or a list of {num_scales} values (one per scale), got {value!r}")
+    return jnp.asarray(np.broadcast_to(values, (num_scales,)))
+
+
+def generate(
+    params,
+    config: TransformerConfig,
+    schedule: Schedule,
+    key: jax.Array,
+    *,
+    text=None,
+    text_mask=None,
+    labels=None,
+    negative_text=None,
+    negative_mask=None,
+    cfg: float | Sequence[float] = 1.0,
+    tau: float | Sequence[float] = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    cfg_layer: int = 0,
+    tokenizer: Tokenizer | None = None,
+    patchify: bool | None = None,
+    teacher_bits: Sequence[jax.Array] = (),
+    return_logits: bool = False,
+) -> Generation:
+    """Generates one batch for one schedule.
+
+    Args:
+      params: the transformer's parameters; config: its layout.
+      schedule: the token schedule (any template, any resolution prefix).
+      key: a `jax.random` key; the same key gives the same bits.
+      text, text_mask: [B, T, Ct5] T5 features and [B, T] bool mask (text models); labels: [B] ints (class models).
+      negative_text, negative_mask: [B, T', Ct5] features of a negative prompt for the unconditional branch.
+      cfg, tau: guidance weight and temperature, a number or one value per scale. Guidance is on when any
+        cfg != 1 (the batch is doubled: cond and uncond).
+      top_k, top_p: bit sampling (see `sample_bits`); the released setting is top_p 0.97 (top_k 900 is a no-op).
+      cfg_layer: 0 mixes guidance on the logits; −n mixes the hidden states after block depth − n instead.
+      tokenizer: decodes the latent into images when given; also fixes `patchify`.
+      teacher_bits: ground-truth bits [B, h, w, bits] for the first len(teacher_bits) scales (teacher forcing).
+      return_logits: also return each scale's logits.
+    """
+    Infinity(config).check_schedule(schedule)
+    text, text_mask, labels = _check_conditioning(config, text, text_mask, labels)
+    if tokenizer is not None:
+        if tokenizer.config.token_bits != config.bits:
+            raise ValueError(
+                f"tokenizer gives {tokenizer.config.token_bits} bits per token, the model predicts {config.bits}"
+            )
+        patchify = tokenizer.config.patchify
+    cfg_values = _per_scale("cfg", cfg, schedule.num_scales)
+    tau_values = _per_scale("tau", tau, schedule.num_scales)
+    guided = bool(np.any(np.asarray(cfg_values) != 1.0))  # as the official sampler: no cfg, no uncond branch
+    if not -config.depth < cfg_layer <= 0:
+        raise ValueError(f"cfg_layer must be 0 (guidance on logits) or in [-{config.depth - 1}, -1], got {cfg_layer}")
+    batch = (labels if text is None else text).shape[0]
+    drop = None
+    if guided and negative_text is not None:
+        if config.cond != "text":
+            raise ValueError("negative prompts need a text-conditional model")
+        negative_text, negative_mask, _ = _check_conditioning(config, negative_text, negative_mask, None)
+        if negative_text.shape[0] != batch:
+            raise ValueError(f"negative prompts: {negative_text.shape[0]} rows for a batch of {batch}")
+        length = max(text.shape[1], negative_text.shape[1])
+        text = jnp.concatenate([_pad_to(text, length), _pad_to(negative_text, length)])
+        text_mask = jnp.concatenate([_pad_to(text_mask, length), _pad_to(negative_mask, length)])
+    elif guided:  # the unconditional half: the learned empty caption (same lengths) or the null class
+        drop = jnp.arange(2 * batch) >= batch
+        if text is not None:
+            text, text_mask = jnp.concatenate([text, text]), jnp.concatenate([text_mask, text_mask])
+        else:
+            labels = jnp.concatenate([labels, labels])
+    teacher = tuple(jnp.asarray(b, jnp.int32) for b in teacher_bits)
+    for k, b in enumerate(teacher):
+        expected = (batch, *schedule.scales[k], config.bits)
+        if b.shape != expected:
+            raise ValueError(f"teacher bits of scale {k} must be {expected}, got {b.shape}")
+    static = _Static(
+        config, schedule, batch, guided, cfg_layer if guided else 0, bool(patchify), len(teacher), return_logits
+    )
+    top_k, top_p = jnp.int32(top_k), jnp.float32(top_p)
+    return _compiled(static)(
+        params, key, text, text_mask, labels, drop, cfg_values, tau_values, top_k, top_p, teacher, tokenizer
+    )
+
+
+def _pad_to(x, length):
+    """Pads axis 1 (tokens) with zeros (features) or False (masks) to `length`."""
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def _check_conditioning(config: TransformerConfig, text, text_mask, labels):
+    if config.cond == "text":
+        if text is None or text_mask is None:
+            raise ValueError("a text-conditional model needs text features [B, T, Ct5] and a text mask [B, T]")
+        text, text_mask = jnp.asarray(text, jnp.float32), jnp.asarray(text_mask, bool)
+        if text.ndim != 3 or text.shape[-1] != config.text_dim:
+            raise ValueError(f"text features must be [B, T, {config.text_dim}], got {tuple(text.shape)}")
+        if text.shape[1] > config.text_maxlen:
+            raise ValueError(
+                f"prompt of {text.shape[1]} tokens is longer than the model's text_maxlen {config.text_maxlen}"
+            )
+        if text_mask.shape != text.shape[:2]:
+            raise ValueError(f"text mask must be {text.shape[:2]}, got {text_mask.shape}")
+        if not bool(np.asarray(text_mask).any(axis=1).all()):
+            raise ValueError("every prompt needs at least one token (T5 always emits </s>)")
+        return text, text_mask, None
+    if labels is None:
+        raise ValueError("a class-conditional model needs labels [B]")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= config.num_classes):
+        raise ValueError(f"class ids must be in [0, {config.num_classes}), got {labels.min()}..{labels.max()}")
+    return None, None, jnp.asarray(labels, jnp.int32)

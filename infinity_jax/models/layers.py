@@ -1,0 +1,238 @@
+"""Building blocks of the next-scale transformer (REFERENCE §3.3–3.7), as Flax Linen modules.
+
+Every parameter carries logical axis names (`embed`, `heads`, `kv`, `mlp`, `text_embed`, `bits`, …) and the
+main activations are constrained to (`act_batch`, `act_len`, …), so one set of rules shards the model for data,
+FSDP or tensor parallelism. Matmuls run in the module's `dtype` (bf16 in production); normalisations, AdaLN
+modulation, RoPE and the residual stream stay float32, as in the official code.
+
+Projections keep heads as their own axis ([C, 3, H, hd] instead of [C, 3C]) so that tensor parallelism splits
+whole heads; converting an official checkpoint only reshapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from infinity_jax.ops.attention import attention
+from infinity_jax.ops.rope import apply_rope
+
+LN_EPS = 1e-6
+MAX_LOG_SCALE = math.log(100.0)  # the cap on cos-attention's learned per-head scale
+
+
+def normal(std: float):
+    # torch's trunc_normal_(std) truncates at ±2 in absolute value, i.e. at ±100σ for std ~0.02: a plain normal.
+    return nn.initializers.normal(std)
+
+
+def constrain(x, *axes):
+    return nn.with_logical_constraint(x, axes)
+
+
+def layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
+    """LayerNorm without affine parameters, in float32."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def modulate(x: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
+    """AdaLN: LN(x)·(1 + scale) + shift, float32."""
+    return layer_norm(x) * (1.0 + scale) + shift
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class Dense(nn.Module):
+    """x · kernel (+ bias) contracting the last `in_dims` axes of x, with multi-axis outputs.
+
+    Kernel [*in, *features] and bias [*features] are created at their full shape with logical names: flax's
+    DenseGeneral hands a flattened shape to its initialiser, which breaks named sharding under a mesh.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    std: float
+    in_dims: int = 1
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    kernel_init: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (*x.shape[x.ndim - self.in_dims :], *self.features)
+        init = self.kernel_init or normal(self.std)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape)
+        contract = tuple(range(x.ndim - self.in_dims, x.ndim))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(self.in_dims))), ((), ()))
+        )
+        if self.use_bias:
+            bias_axes = self.axes[self.in_dims :]
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes), self.features)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def dense(features, axes, *, std, name, in_dims=1, use_bias=True, dtype=jnp.float32, kernel_init=None):
+    """A `Dense` with `features` an int or a tuple."""
+    features = features if isinstance(features, tuple) else (features,)
+    return Dense(features, axes, std, in_dims, use_bias, dtype, kernel_init, name=name)
+
+
+class RMSNorm(nn.Module):
+    """x·rsqrt(mean(x²) + eps)·w over the last axis, in float32 (the text features' norm)."""
+
+    axis_name: str
+    eps: float = LN_EPS
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],)
+        )
+        x = x.astype(jnp.float32)
+        return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps) * scale
+
+
+class AffineLayerNorm(nn.Module):
+    """LayerNorm with weight and bias (the cross-attention's input norm), float32."""
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (c,))
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (c,))
+        return layer_norm(x) * scale + bias
+
+
+class _Attention(nn.Module):
+    """Fields shared by the self- and cross-attention layers."""
+
+    num_heads: int
+    head_dim: int
+    std: float
+    proj_std: float
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "xla"
+
+
+class SelfAttention(_Attention):
+    """Cosine self-attention with 2D RoPE and an optional KV cache.
+
+    q = normalize(x W_q + b_q) · exp(min(s_h, ln 100)), k = normalize(x W_k) (no key bias), v = x W_v + b_v;
+    RoPE on q and k; softmax(q·k) v with scale 1; output projection.
+    """
+
+    @nn.compact
+    def __call__(self, x, rope, mask=None, cache=None, start: int = 0):
+        """x: [B, n, C]; rope: (cos, sin) [n, hd/2]; cache: (k, v) [B, L, H, hd] or None.
+
+        With a cache, the new keys/values are written at [start, start + n) and the queries attend to the cache's
+        first start + n rows (no mask: everything before is visible). Returns (out [B, n, C], cache).
+        """
+        h, hd = self.num_heads, self.head_dim
+        qkv = dense(
+            (3, h, hd), ("embed", None, "heads", "kv"), std=self.std, use_bias=False, dtype=self.dtype, name="qkv"
+        )(x)
+        q_bias = self.param("q_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")), (h, hd))
+        v_bias = self.param("v_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")), (h, hd))
+        scale_mul = self.param(
+            "scale_mul", nn.with_logical_partitioning(nn.initializers.constant(math.log(4.0)), ("heads",)), (h,)
+        )
+        q, k, v = qkv[:, :, 0] + q_bias, qkv[:, :, 1], qkv[:, :, 2] + v_bias
+        q = l2_normalize(q) * jnp.exp(jnp.minimum(scale_mul, MAX_LOG_SCALE))[:, None]
+        q, k = apply_rope(q, *rope), apply_rope(l2_normalize(k), *rope)
+        q, k, v = (constrain(t, "act_batch", "act_len", "act_heads", "act_kv") for t in (q, k, v))
+        if cache is not None:
+            n = x.shape[1]
+            cache = tuple(
+                jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), start, axis=1)
+                for c, t in zip(cache, (k, v), strict=True)
+            )
+            k, v = (c[:, : start + n] for c in cache)
+        out = attention(q.astype(self.dtype), k, v, scale=1.0, mask=mask, implementation=self.attention_impl)
+        out = dense(
+            self.head_dim * self.num_heads,
+            ("heads", "kv", "embed"),
+            std=self.proj_std,
+            in_dims=2,
+            dtype=self.dtype,
+            name="proj",
+        )(out)
+        return out, cache
+
+
+class CrossAttention(_Attention):
+    """Each image token attends to its own caption's tokens (padding masked); no cos-attention here."""
+
+    @nn.compact
+    def __call__(self, x, memory, memory_mask):
+        """x: [B, n, C]; memory: [B, T, C] (projected text); memory_mask: [B, T] bool -> [B, n, C]."""
+        h, hd = self.num_heads, self.head_dim
+        q = dense((h, hd), ("embed", "heads", "kv"), std=self.std, dtype=self.dtype, name="q")(x)
+        kv = dense(
+            (2, h, hd), ("embed", None, "heads", "kv"), std=self.std, use_bias=False, dtype=self.dtype, name="kv"
+        )(memory)
+        v_bias = self.param("v_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")), (h, hd))
+        mask = memory_mask[:, None, None, :]
+        out = attention(
+            q, kv[:, :, 0], kv[:, :, 1] + v_bias, scale=hd**-0.5, mask=mask, implementation=self.attention_impl
+        )
+        return dense(h * hd, ("heads", "kv", "embed"), std=self.proj_std, in_dims=2, dtype=self.dtype, name="proj")(out)
+
+
+class TextPool(nn.Module):
+    """Attentive pooling of the text into one vector: the SOS token and the AdaLN condition (REFERENCE §3.3).
+
+    One learned query per head attends over the caption; heads of width C/nh with nh = Ct5/128 (Ct5/64 above
+    C = 4096), then a C×C projection.
+    """
+
+    embed_dim: int
+    std: float
+
+    @nn.compact
+    def __call__(self, text, text_mask):
+        """text: [B, T, Ct5] (normalised); text_mask: [B, T] bool -> [B, C] float32."""
+        nh = text.shape[-1] // (128 if self.embed_dim <= 4096 else 64)
+        hd = self.embed_dim // nh
+        query = self.param("query", nn.with_logical_partitioning(normal(self.std), ("heads", "kv")), (nh, hd))
+        kv = dense((2, nh, hd), ("text_embed", None, "heads", "kv"), std=self.std, use_bias=False, name="kv")(text)
+        v_bias = self.param("v_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")), (nh, hd))
+        q = jnp.broadcast_to(query[None, None], (text.shape[0], 1, nh, hd))
+        out = attention(q, kv[:, :, 0], kv[:, :, 1] + v_bias, scale=hd**-0.5, mask=text_mask[:, None, None, :])
+        return dense(self.embed_dim, ("heads", "kv", "embed"), std=self.std, in_dims=2, name="proj")(out)[:, 0]
+
+
+class FFN(nn.Module):
+    """fc2(GELU_tanh(fc1(x)))."""
+
+    hidden: int
+    std: float
+    proj_std: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        h = dense(self.hidden, ("embed", "mlp"), std=self.std, dtype=self.dtype, name="fc1")(x)
+        h = constrain(nn.gelu(h, approximate=True), "act_batch", "act_len", "act_mlp")
+        return dense(c, ("mlp", "embed"), std=self.proj_std, dtype=self.dtype, name="fc2")(h)
+
+
+def drop_path(x, rate, deterministic: bool, rng_module: nn.Module):
+    """Stochastic depth per sample (timm semantics: kept paths scaled by 1/(1−rate)); rate may be traced."""
+    if deterministic:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng_module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0.0)

@@ -1,0 +1,396 @@
+"""The next-scale transformer with the bitwise classifier (REFERENCE §3, §5).
+
+`Infinity` conditions on text (T5 features, padded, with a mask) or on class labels (an embedding with a null
+class for guidance), and predicts every bit of every token of a scale from all coarser scales:
+
+    condition ─▶ cond [B, C] (SOS and AdaLN input) ─▶ gss = shared AdaLN [B, 6, C]
+    tokens: [SOS + pos_start ; word_embed(inputs of scales 2..K)] + lvl_embed[scale]        (before block 0)
+    depth × Block: AdaLN self-attention (cos-attn, 2D RoPE) → cross-attention to the text → AdaLN FFN
+    head: AdaLN(cond) → Linear(C, 2d) read as logits [B, L, d, 2]
+
+Methods, all pure functions of the parameters: `__call__` (training: the whole sequence under the block-causal
+mask), `condition`, `step` (one scale against a KV cache, for generation), `embed`, `sos`, `logits`,
+`init_cache`. Blocks are a Python loop or an `nn.scan` with a named remat policy (`scan_blocks`, `remat`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from infinity_jax.models import sizes
+from infinity_jax.models.layers import (
+    FFN,
+    AffineLayerNorm,
+    CrossAttention,
+    RMSNorm,
+    SelfAttention,
+    TextPool,
+    constrain,
+    dense,
+    drop_path,
+    modulate,
+    normal,
+)
+from infinity_jax.ops.attention import IMPLEMENTATIONS, block_causal_mask
+from infinity_jax.ops.rope import rope_table
+from infinity_jax.schedules import Schedule
+
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# Special initialisation of the released training recipe (REFERENCE §3.8): AdaLN gates ×5e-6, AdaLN
+# scale/shift ×1e-3, head ×0.02, residual output projections ×1/√(2·depth).
+ALN_GAMMA_INIT, ALN_INIT, HEAD_INIT = 5e-6, 1e-3, 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """One transformer layout plus how to run it.
+
+    cond: "text" (Infinity: T5 features, cross-attention) or "class" (labels, no cross-attention).
+    bits: bits per token (d; 4·d for the patchified 8B tokenizer); logits are [.., bits, 2].
+    dtype: compute dtype of the blocks ("float32" or "bfloat16"); parameters are float32.
+    scan_blocks / remat: run the blocks as one `nn.scan` (parameters stacked on a "layers" axis) and
+      rematerialise each block with a `jax.checkpoint_policies` policy ("none" keeps activations).
+    attention: "xla" or "cudnn" kernel.
+    """
+
+    depth: int
+    embed_dim: int
+    num_heads: int
+    ffn_dim: int
+    bits: int = 32
+    cond: str = "text"
+    shared_aln: bool = True
+    drop_path: float = 0.0
+    text_dim: int = sizes.TEXT_DIM
+    text_maxlen: int = sizes.TEXT_MAXLEN
+    num_classes: int = 1000
+    num_levels: int = sizes.NUM_LEVEL_EMBEDDINGS
+    dtype: str = "float32"
+    scan_blocks: bool = False
+    remat: str = "none"
+    attention: str = "xla"
+
+    def __post_init__(self):
+        if self.cond not in ("text", "class"):
+            raise ValueError(f"cond must be 'text' or 'class', got {self.cond!r}")
+        if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(f"embed_dim {self.embed_dim} / num_heads {self.num_heads} must be a multiple of 4 (RoPE)")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(IMPLEMENTATIONS)}")
+        pool_head = 128 if self.embed_dim <= 4096 else 64
+        if self.cond == "text" and (self.text_dim % pool_head or self.embed_dim % (self.text_dim // pool_head)):
+            raise ValueError(
+                f"text_dim {self.text_dim} must be a multiple of {pool_head} and embed_dim {self.embed_dim} divisible by "
+                f"text_dim/{pool_head} (the text pooling's heads)"
+            )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+    @classmethod
+    def from_size(cls, name: str, **overrides) -> TransformerConfig:
+        """A layout from the size table: VAR sizes condition on classes, Infinity sizes on text."""
+        size = sizes.get_size(name)
+        fields = {
+            f: getattr(size, f) for f in ("depth", "embed_dim", "num_heads", "ffn_dim", "drop_path", "shared_aln")
+        }
+        fields["cond"] = "class" if size.family == "var" else "text"
+        return cls(**{**fields, **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def init_std(self) -> float:
+        return math.sqrt(1.0 / (3 * self.embed_dim))
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+def _row_scaled(std: float, row_scales):
+    """normal(std) with the 6 AdaLN rows (axis −2 of a [.., 6, C] parameter) scaled: gates and scale/shift
+    start small."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return normal(std)(key, shape, dtype) * jnp.asarray(row_scales, dtype)[:, None]
+
+    return init
+
+
+ADALN_ROWS = (ALN_GAMMA_INIT,) * 2 + (ALN_INIT,) * 4  # (γ1, γ2, s1, s2, b1, b2)
+
+
+@struct.dataclass
+class Condition:
+    """What every position of one batch is conditioned on.
+
+    cond: [B, C] pooled text or class embedding (SOS, head AdaLN). adaln: [B, 6, C] shared AdaLN (gss), or
+    cond itself when each block has its own AdaLN. memory / memory_mask: [B, T, C] / [B, T] projected text for
+    cross-attention (None for class conditioning).
+    """
+
+    cond: jax.Array
+    adaln: jax.Array
+    memory: jax.Array | None = None
+    memory_mask: jax.Array | None = None
+
+
+@struct.dataclass
+class BlockContext:
+    """Per-call inputs shared by all blocks: conditioning, RoPE rows of the tokens, mask, guidance weight."""
+
+    condition: Condition
+    rope: tuple[jax.Array, jax.Array]
+    mask: jax.Array | None = None
+    cfg: jax.Array | None = None
+
+
+class Block(nn.Module):
+    """AdaLN self-attention, cross-attention (text), AdaLN FFN; residual stream in float32 (REFERENCE §3.5).
+
+    Called as (x, ctx, (layer_index, drop_rate, cache)) so that it scans over layers. With cfg_layer >= 0 the
+    batch is [cond; uncond] and after layer `cfg_layer` the hidden states become cfg·cond + (1−cfg)·uncond
+    (duplicated), the official "CFG on hidden states" option.
+    """
+
+    config: TransformerConfig
+    start: int = 0
+    deterministic: bool = True
+    cfg_layer: int = -1
+
+    @nn.compact
+    def __call__(self, x, ctx: BlockContext, xs):
+        layer, rate, cache = xs
+        c, std = self.config, self.config.init_std
+        proj_std = std / math.sqrt(2 * c.depth)
+        dtype = c.compute_dtype
+        if c.shared_aln:
+            gss = self.param(
+                "ada_gss",
+                nn.with_logical_partitioning(_row_scaled(c.embed_dim**-0.5, ADALN_ROWS), (None, "embed")),
+                (6, c.embed_dim),
+            )
+            mod = ctx.condition.adaln + gss
+        else:
+            ada = dense(
+                (6, c.embed_dim),
+                ("embed", None, "embed_out"),
+                std=std,
+                kernel_init=_row_scaled(std, ADALN_ROWS),
+                name="ada_lin",
+            )
+            mod = ada(nn.silu(ctx.condition.adaln))
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (mod[:, None, i] for i in range(6))
+        heads = dict(
+            num_heads=c.num_heads,
+            head_dim=c.head_dim,
+            std=std,
+            proj_std=proj_std,
+            dtype=dtype,
+            attention_impl=c.attention,
+        )
+        attn, cache = SelfAttention(**heads, name="sa")(
+            modulate(x, scale1, shift1).astype(dtype), ctx.rope, ctx.mask, cache, self.start
+        )
+        x = x + drop_path(attn.astype(jnp.float32) * gamma1, rate, self.deterministic, self)
+        if ctx.condition.memory is not None:
+            h = AffineLayerNorm(name="ca_norm")(x).astype(dtype)
+            cross = CrossAttention(**heads, name="ca")(h, ctx.condition.memory.astype(dtype), ctx.condition.memory_mask)
+            x = x + cross.astype(jnp.float32)
+        ffn = FFN(c.ffn_dim, std, proj_std, dtype, name="ffn")(modulate(x, scale2, shift2).astype(dtype))
+        x = x + drop_path(ffn.astype(jnp.float32) * gamma2, rate, self.deterministic, self)
+        x = constrain(x, "act_batch", "act_len", "act_embed")
+        if self.cfg_layer >= 0:
+            half = x.shape[0] // 2
+            mixed = ctx.cfg * x[:half] + (1.0 - ctx.cfg) * x[half:]
+            # As the official sampler, a scale with cfg = 1 is left unmixed.
+            x = jnp.where((layer == self.cfg_layer) & (ctx.cfg != 1.0), jnp.concatenate([mixed, mixed]), x)
+        return x, cache
+
+
+class BlockStack(nn.Module):
+    """`depth` blocks: a Python loop (parameters block_0 … block_{n−1}) or one `nn.scan` (stacked under "layers")."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self, x, ctx: BlockContext, cache=None, start: int = 0, deterministic: bool = True, cfg_layer: int = -1
+    ):
+        c = self.config
+        block = Block
+        if c.remat != "none":
+            block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, c.remat), prevent_cse=not c.scan_blocks)
+        rates = jnp.linspace(0.0, c.drop_path, c.depth)  # stochastic depth grows with depth
+        attrs = dict(start=start, deterministic=deterministic, cfg_layer=cfg_layer)
+        if c.scan_blocks:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, 0),
+                length=c.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            return scanned(c, **attrs, name="layers")(x, ctx, (jnp.arange(c.depth), rates, cache))
+        new_cache = []
+        for i in range(c.depth):
+            x, layer_cache = block(c, **attrs, name=f"block_{i}")(
+                x, ctx, (jnp.int32(i), rates[i], None if cache is None else cache[i])
+            )
+            new_cache.append(layer_cache)
+        return x, None if cache is None else tuple(new_cache)
+
+
+class Infinity(nn.Module):
+    """Infinity (text) or its class-conditional variant; see the module docstring for the data flow."""
+
+    config: TransformerConfig
+
+    def setup(self):
+        c, std = self.config, self.config.init_std
+        if c.cond == "text":
+            self.cfg_uncond = self.param(
+                "cfg_uncond",
+                nn.with_logical_partitioning(_uncond_init, (None, "text_embed")),
+                (c.text_maxlen, c.text_dim),
+            )
+            self.text_norm = RMSNorm("text_embed")
+            self.text_pool = TextPool(c.embed_dim, std)
+            self.text_fc1 = dense(c.embed_dim, ("text_embed", "embed"), std=std, name=None)
+            self.text_fc2 = dense(c.embed_dim, ("embed", "embed_out"), std=std, name=None)
+        else:
+            self.class_emb = nn.Embed(
+                c.num_classes + 1,
+                c.embed_dim,
+                embedding_init=nn.with_logical_partitioning(normal(std), (None, "embed")),
+            )
+        self.pos_start = self.param("pos_start", nn.with_logical_partitioning(normal(std), ("embed",)), (c.embed_dim,))
+        self.lvl_embed = nn.Embed(
+            c.num_levels, c.embed_dim, embedding_init=nn.with_logical_partitioning(normal(std), (None, "embed"))
+        )
+        self.word_embed = dense(c.embed_dim, ("bits", "embed"), std=std, name=None)
+        if c.shared_aln:
+            self.shared_ada_lin = dense((6, c.embed_dim), ("embed", None, "embed_out"), std=std, name=None)
+        self.blocks = BlockStack(c)
+        self.head_nm = dense((2, c.embed_dim), ("embed", None, "embed_out"), std=std * ALN_INIT, name=None)
+        self.head = dense((c.bits, 2), ("embed", "bits", None), std=std * HEAD_INIT, name=None)
+
+    # -- conditioning ------------------------------------------------------------------------------------------
+
+    def condition(self, text=None, text_mask=None, labels=None, drop=None) -> Condition:
+        """Text [B, T, Ct5] + mask [B, T], or labels [B]; `drop` [B] bool swaps in the unconditional input."""
+        c = self.config
+        if c.cond == "text":
+            if text is None or text_mask is None:
+                raise ValueError("a text-conditional model needs text features and a text mask")
+            if drop is not None:
+                text = jnp.where(drop[:, None, None], self.unconditional_text(text.shape[1])[None], text)
+            text = self.text_norm(text)
+            cond = self.text_pool(text, text_mask)
+            memory = self.text_fc2(nn.gelu(self.text_fc1(text), approximate=True))
+        else:
+            if labels is None:
+                raise ValueError("a class-conditional model needs labels")
+            if drop is not None:
+                labels = jnp.where(drop, c.num_classes, labels)
+            cond, memory = self.class_emb(labels), None
+        cond = cond.astype(jnp.float32)
+        adaln = self.shared_ada_lin(nn.silu(cond)) if c.shared_aln else cond
+        return Condition(cond=cond, adaln=adaln, memory=memory, memory_mask=text_mask if memory is not None else None)
+
+    def unconditional_text(self, length: int) -> jax.Array:
+        """[length, Ct5]: the learned unconditional caption, cut to a caption's length (REFERENCE §3.3)."""
+        return self.cfg_uncond[:length]
+
+    # -- pieces of the sequence ----------------------------------------------------------------------------
+
+    def sos(self, cond: jax.Array) -> jax.Array:
+        """[B, C] -> [B, 1, C]: the first (1×1) scale's token."""
+        return (cond + self.pos_start)[:, None]
+
+    def embed(self, features: jax.Array) -> jax.Array:
+        """[B, n, bits] next-scale input features -> [B, n, C]."""
+        return self.word_embed(features.astype(jnp.float32))
+
+    def logits(self, hidden: jax.Array, cond: jax.Array) -> jax.Array:
+        """[B, n, C] -> [B, n, bits, 2] float32 (head AdaLN uses the pooled condition, not gss)."""
+        scale_shift = self.head_nm(nn.silu(cond))
+        h = modulate(hidden, scale_shift[:, None, 0], scale_shift[:, None, 1])
+        return constrain(self.head(h), "act_batch", "act_len", None, None)
+
+    # -- full sequence (training) ----------------------------------------------------------------------------
+
+    def __call__(
+        self, inputs, schedule: Schedule, text=None, text_mask=None, labels=None, drop=None, deterministic=True
+    ):
+        """Logits of every scale from ground-truth inputs, under the block-causal mask.
+
+        Args:
+          inputs: [B, L − 1, bits] next-scale input features of scales 2..K.
+          schedule: the token schedule (static).
+          text, text_mask / labels, drop: see `condition`.
+          deterministic: False applies stochastic depth (needs a "dropout" rng).
+
+        Returns:
+          [B, L, bits, 2] float32 logits.
+        """
+        self.check_schedule(schedule)
+        if inputs.ndim != 3 or inputs.shape[1:] != (schedule.num_tokens - 1, self.config.bits):
+            raise ValueError(
+                f"inputs must be [B, {schedule.num_tokens - 1}, {self.config.bits}] for schedule {schedule.name}, "
+                f"got {tuple(inputs.shape)}"
+            )
+        condition = self.condition(text, text_mask, labels, drop)
+        x = jnp.concatenate([self.sos(condition.cond), self.embed(inputs)], axis=1)
+        x = x + self.lvl_embed(jnp.asarray(schedule.scale_ids()))[None]
+        cos, sin = rope_table(schedule, self.config.head_dim)
+        ctx = BlockContext(
+            condition, (jnp.asarray(cos), jnp.asarray(sin)), mask=jnp.asarray(block_causal_mask(schedule))[None, None]
+        )
+        x, _ = self.blocks(x, ctx, deterministic=deterministic)
+        return self.logits(x, condition.cond)
+
+    # -- one scale against a KV cache (generation) ----------------------------------------------------------
+
+    def step(self, x, condition: Condition, schedule: Schedule, scale: int, cache, cfg_layer: int = -1, cfg=None):
+        """Runs the tokens of scale `scale` ([B, n, C], embedded) through the blocks; returns (hidden, cache)."""
+        start = schedule.offsets[scale]
+        n = schedule.tokens_per_scale[scale]
+        x = x + self.lvl_embed(jnp.asarray(scale))[None, None]
+        cos, sin = rope_table(schedule, self.config.head_dim)
+        rope = (jnp.asarray(cos[start : start + n]), jnp.asarray(sin[start : start + n]))
+        return self.blocks(x, BlockContext(condition, rope, cfg=cfg), cache, start=start, cfg_layer=cfg_layer)
+
+    def check_schedule(self, schedule: Schedule) -> None:
+        if schedule.scales[0] != (1, 1):
+            raise ValueError(
+                f"schedule {schedule.name} must start with a 1x1 scale (the SOS token), got {schedule.scales[0]}"
+            )
+        if schedule.num_scales > self.config.num_levels:
+            raise ValueError(
+                f"schedule {schedule.name} has {schedule.num_scales} scales but the model has {self.config.num_levels} level embeddings"
+            )
+
+
+def _uncond_init(key, shape, dtype=jnp.float32):
+    # N(0, 1.2²) truncated to ±2 (torch trunc_normal_ bounds are absolute), scaled by 1/√Ct5 (REFERENCE §3.8).
+    return jax.random.truncated_normal(key, -2 / 1.2, 2 / 1.2, shape, dtype) * 1.2 / math.sqrt(shape[-1])
+
+
+def init_cache(config: TransformerConfig, batch: int, schedule: Schedule):
+    """Zeroed KV cache for one generation: per layer (k, v) [B, L, H, hd] in the compute dtype (stacked if scanned)."""
+    shape = (batch, schedule.num_tokens, config.num_heads, config.head_dim)
+    if config.scan_blocks:
+        return tuple(jnp.zeros((config.depth, *shape), config.compute_dtype) for _ in range(2))
+    return tuple(tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(2)) for _ in range(config.depth))

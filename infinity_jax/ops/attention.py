@@ -1,0 +1,55 @@
+"""Attention kernels and the next-scale masks.
+
+Training attends over the whole sequence with the block-causal mask (a token of scale k sees every token of
+scales ≤ k, its own scale included). Generation attends the new scale's queries over the KV cache of all scales
+so far, which needs no mask. The kernel is `jax.nn.dot_product_attention`: XLA's on every backend, or cuDNN's
+fused kernel on NVIDIA GPUs ("cudnn", bf16/fp16 only), picked per call.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infinity_jax.schedules import Schedule
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+@functools.cache
+def block_causal_mask(schedule: Schedule) -> np.ndarray:
+    """[L, L] bool: query i may attend key j iff scale(j) <= scale(i)."""
+    ids = schedule.scale_ids()
+    return ids[:, None] >= ids[None, :]
+
+
+def attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    scale: float,
+    mask: jax.Array | None = None,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Softmax attention.
+
+    Args:
+      query: [B, T, H, D]; key, value: [B, S, H, D].
+      scale: multiplies q·k before the softmax.
+      mask: bool, broadcastable to [B, H, T, S]; True = attend. Rows need at least one True.
+      implementation: "xla" or "cudnn".
+
+    Returns:
+      [B, T, H, D] in the query's dtype.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
+    dtype = query.dtype
+    key, value = key.astype(dtype), value.astype(dtype)
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=implementation)

@@ -1,0 +1,272 @@
+"""The next-scale transformer: sizes, full-sequence vs KV-cached generation, guidance, sampling, sharding, errors."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from infinity_jax import quantizer, schedules, sharding
+from infinity_jax.generate import generate, sample_bits
+from infinity_jax.models import sizes
+from infinity_jax.models.bsq_vae import TokenizerConfig
+from infinity_jax.models.transformer import Infinity, TransformerConfig
+from infinity_jax.tokenizer import Tokenizer
+
+TINY = TransformerConfig(depth=2, embed_dim=64, num_heads=2, ffn_dim=256, bits=8, text_dim=256, text_maxlen=16)
+TINY_CLASS = TransformerConfig(
+    depth=2, embed_dim=64, num_heads=2, ffn_dim=256, bits=8, cond="class", num_classes=10, shared_aln=False
+)
+ONE_BLOCK = TransformerConfig(**{**TINY_CLASS.__dict__, "depth": 1})  # the 15-template sweep compiles 15 times
+SQUARE = schedules.infinity_schedule(1.0, "0.06M")
+WIDE = schedules.infinity_schedule(0.333, "0.06M")
+
+
+def conditioning(config, batch=2, length=5, seed=0):
+    rng = np.random.default_rng(seed)
+    if config.cond == "class":
+        return {"labels": jnp.arange(batch) % config.num_classes}
+    lengths = [length - i for i in range(batch)]
+    mask = np.arange(length)[None] < np.array(lengths)[:, None]
+    return {
+        "text": jnp.asarray(rng.standard_normal((batch, length, config.text_dim)), jnp.float32),
+        "text_mask": jnp.asarray(mask),
+    }
+
+
+@functools.cache
+def random_params(config, seed=0):
+    """Initialised, then perturbed everywhere: the released init starts gates and the head near zero, which
+    would make comparisons of logits vacuous."""
+    model = Infinity(config)
+    cond = conditioning(config)
+    inputs = jnp.zeros((2, SQUARE.num_tokens - 1, config.bits))
+    params = nn.unbox(jax.jit(lambda: model.init(jax.random.key(seed), inputs, SQUARE, **cond))()["params"])
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(
+        treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    )
+
+
+def ground_truth(config, schedule, batch=2, seed=0):
+    """Bits of a random latent and the next-scale inputs they imply (BSC without flips)."""
+    z = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *schedule.grid, config.bits)), jnp.float32)
+    targets = jax.jit(quantizer.self_correct, static_argnums=1)(z, schedule, [None] * schedule.num_scales)
+    return quantizer.split_scales(targets.labels, schedule), targets.inputs
+
+
+@functools.cache
+def _forward(config, schedule):
+    return jax.jit(lambda p, x, c, drop: Infinity(config).apply({"params": p}, x, schedule, drop=drop, **c))
+
+
+def full_logits(config, schedule, inputs, cond, drop=None):
+    return _forward(config, schedule)(random_params(config), inputs, cond, drop)
+
+
+@pytest.mark.parametrize("name", [n for n, s in sizes.SIZES.items() if s.family == "infinity"])
+def test_parameter_counts_equal_the_official_models(name):
+    config = TransformerConfig.from_size(name, bits=56 if name == "infinity_8b" else 32)
+    cond = dict(text=jnp.zeros((1, 2, config.text_dim)), text_mask=jnp.ones((1, 2), bool))
+    shapes = jax.eval_shape(
+        lambda: Infinity(config).init(
+            jax.random.key(0), jnp.zeros((1, 0, config.bits)), schedules.Schedule(((1, 1),)), **cond
+        )
+    )
+    count = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes["params"])))
+    assert count == sizes.count_params(sizes.SIZES[name], bits=config.bits)
+    expected = {"infinity_2b": 2_204_564_032, "infinity_layer12": 125_185_696, "infinity_layer24": 940_944_832}
+    assert count == expected.get(name, count)
+
+
+@pytest.mark.parametrize("config,schedule", [(TINY, SQUARE), (TINY, WIDE), (TINY_CLASS, WIDE)])
+def test_teacher_forced_generation_equals_the_full_sequence_forward(config, schedule):
+    bits, inputs = ground_truth(config, schedule)
+    cond = conditioning(config)
+    full = full_logits(config, schedule, inputs, cond)
+    out = generate(
+        random_params(config), config, schedule, jax.random.key(0), **cond, teacher_bits=bits, return_logits=True
+    )
+    for k in range(schedule.num_scales):
+        start, end = schedule.offsets[k], schedule.offsets[k + 1]
+        np.testing.assert_allclose(
+            np.asarray(out.logits[k]), np.asarray(full[:, start:end]), atol=1e-4, err_msg=f"scale {k}"
+        )
+    assert float(jnp.abs(full).max()) > 0.1  # the comparison is not between near-zero numbers
+    for ours, theirs in zip(out.bits, bits, strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_scanned_rematerialised_blocks_equal_the_loop():
+    from infinity_jax.convert.transformer import stack_blocks
+
+    scanned = TransformerConfig(**{**TINY.__dict__, "scan_blocks": True, "remat": "nothing_saveable"})
+    _, inputs = ground_truth(TINY, SQUARE)
+    cond = conditioning(TINY)
+    params = stack_blocks(random_params(TINY), TINY.depth)
+    ours = jax.jit(lambda p: Infinity(scanned).apply({"params": p}, inputs, SQUARE, **cond))(params)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(full_logits(TINY, SQUARE, inputs, cond)), atol=1e-5)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(Infinity(scanned).apply({"params": p}, inputs, SQUARE, **cond) ** 2)))(
+        params
+    )
+    assert grads["blocks"]["layers"]["sa"]["qkv"]["kernel"].shape == (2, 64, 3, 2, 32)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+def test_guidance_on_logits_with_per_scale_cfg_and_tau_and_negative_prompts():
+    bits, inputs = ground_truth(TINY, SQUARE)
+    cond = conditioning(TINY)
+    params = random_params(TINY)
+    cfg = np.linspace(1.5, 4.0, SQUARE.num_scales)
+    tau = np.linspace(0.5, 1.0, SQUARE.num_scales)
+    conditional = full_logits(TINY, SQUARE, inputs, cond)
+    unconditional = full_logits(TINY, SQUARE, inputs, cond, drop=jnp.ones(2, bool))  # the learned empty caption
+    negative = conditioning(TINY, length=3, seed=7)
+    negative_logits = full_logits(TINY, SQUARE, inputs, {"text": negative["text"], "text_mask": negative["text_mask"]})
+    for uncond, extra in (
+        (unconditional, {}),
+        (negative_logits, {"negative_text": negative["text"], "negative_mask": negative["text_mask"]}),
+    ):
+        out = generate(
+            params,
+            TINY,
+            SQUARE,
+            jax.random.key(0),
+            **cond,
+            **extra,
+            cfg=cfg,
+            tau=tau,
+            teacher_bits=bits,
+            return_logits=True,
+        )
+        for k in range(SQUARE.num_scales):
+            s = slice(SQUARE.offsets[k], SQUARE.offsets[k + 1])
+            expected = (cfg[k] * conditional[:, s] + (1 - cfg[k]) * uncond[:, s]) / tau[k]
+            np.testing.assert_allclose(np.asarray(out.logits[k]), np.asarray(expected), atol=2e-4, rtol=1e-4)
+    # Guidance on hidden states after a block changes the result; with cfg = 1 everywhere nothing is guided.
+    hidden = generate(
+        params, TINY, SQUARE, jax.random.key(0), **cond, cfg=3.0, cfg_layer=-1, teacher_bits=bits, return_logits=True
+    )
+    on_logits = generate(
+        params, TINY, SQUARE, jax.random.key(0), **cond, cfg=3.0, teacher_bits=bits, return_logits=True
+    )
+    assert float(jnp.abs(hidden.logits[-1] - on_logits.logits[-1]).max()) > 1e-3
+    plain = generate(
+        params, TINY, SQUARE, jax.random.key(0), **cond, cfg=1.0, cfg_layer=-1, teacher_bits=bits, return_logits=True
+    )
+    np.testing.assert_allclose(
+        np.asarray(plain.logits[-1]), np.asarray(conditional[:, SQUARE.offsets[-2] :]), atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("template", schedules.H_DIV_W_TEMPLATES)
+def test_sampling_runs_for_every_template(template):
+    schedule = schedules.infinity_schedule(template, "0.06M")
+    out = generate(random_params(ONE_BLOCK), ONE_BLOCK, schedule, jax.random.key(0), labels=[3], cfg=2.0, top_p=0.97)
+    assert [b.shape for b in out.bits] == [(1, h, w, 8) for h, w in schedule.scales]
+    assert out.latent.shape == (1, *schedule.grid, 8) and out.images is None
+    assert all(set(np.unique(np.asarray(b))) <= {0, 1} for b in out.bits)
+
+
+def test_sampling_keys_and_greedy_top_p():
+    params, cond = random_params(TINY), conditioning(TINY)
+    runs = [
+        generate(params, TINY, WIDE, jax.random.key(k), **cond, cfg=3.0, tau=1.0, return_logits=True) for k in (0, 0, 1)
+    ]
+    same = all(bool((a == b).all()) for a, b in zip(runs[0].bits, runs[1].bits, strict=True))
+    different = any(bool((a != b).any()) for a, b in zip(runs[0].bits, runs[2].bits, strict=True))
+    assert same and different
+    greedy = [
+        generate(params, TINY, WIDE, jax.random.key(k), **cond, cfg=3.0, top_p=1e-6, return_logits=True) for k in (0, 1)
+    ]
+    for k in range(WIDE.num_scales):
+        np.testing.assert_array_equal(np.asarray(greedy[0].bits[k]), np.asarray(greedy[1].bits[k]))
+        argmax = (greedy[0].logits[k][..., 1] > greedy[0].logits[k][..., 0]).astype(jnp.int32)
+        np.testing.assert_array_equal(np.asarray(greedy[0].bits[k]).reshape(argmax.shape), np.asarray(argmax))
+
+
+def test_two_way_top_k_top_p_semantics():
+    logits = jnp.log(jnp.array([[0.02, 0.98], [0.6, 0.4], [0.5, 0.5]]))
+    uniform = jnp.array([0.99, 0.5, 0.3])  # bit = 1 where uniform < P(1)
+    assert sample_bits(uniform, logits).tolist() == [0, 0, 1]
+    assert sample_bits(uniform, logits, top_p=0.97).tolist() == [1, 0, 1]  # 0.02 <= 0.03 is removed, 0.4 is not
+    assert sample_bits(uniform, logits, top_k=1).tolist() == [1, 0, 1]  # greedy; a tie keeps the second value
+    assert sample_bits(uniform, logits, top_k=900).tolist() == [0, 0, 1]  # no effect on two classes
+
+
+def test_generation_decodes_with_a_patchified_tokenizer():
+    tokenizer = Tokenizer.init(
+        TokenizerConfig(bits=2, stride=8, base_ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, patchify=True),
+        jax.random.key(0),
+    )
+    config = TransformerConfig(**{**TINY_CLASS.__dict__, "bits": 8})
+    schedule = schedules.Schedule(((1, 1), (2, 2), (4, 4)), name="64px")
+    out = generate(
+        random_params(config),
+        config,
+        schedule,
+        jax.random.key(0),
+        labels=[1, 2],
+        cfg=3.0,
+        top_p=0.97,
+        tokenizer=tokenizer,
+    )
+    assert out.images.shape == (2, 64, 64, 3) and out.latent.shape == (2, 8, 8, 2)
+    np.testing.assert_allclose(np.asarray(tokenizer.decode_bits(out.bits, schedule)), np.asarray(out.images), atol=1e-5)
+
+
+def test_fsdp_sharded_forward_equals_single_device():
+    mesh = sharding.make_mesh(data=2, fsdp=4, devices=jax.devices("cpu"))
+    _, inputs = ground_truth(TINY, SQUARE, batch=8)
+    cond = conditioning(TINY, batch=8, length=9)
+    model = Infinity(TINY)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs, SQUARE, **cond))["params"]
+    shardings = sharding.logical_shardings(abstract, mesh, sharding.TRANSFORMER_RULES)
+    assert shardings["blocks"]["block_0"]["ffn"]["fc1"]["kernel"].spec == P("fsdp", "tensor")
+    params = jax.device_put(random_params(TINY), shardings)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.TRANSFORMER_RULES):
+        logits = jax.jit(lambda p: model.apply({"params": p}, inputs, SQUARE, **cond))(params)
+    assert logits.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full_logits(TINY, SQUARE, inputs, cond)), atol=1e-5)
+
+
+def test_bad_input_raises_clear_errors():
+    params, cond = random_params(TINY), conditioning(TINY)
+    with pytest.raises(ValueError, match="prompt of 17 tokens is longer than the model's text_maxlen 16"):
+        generate(
+            params, TINY, SQUARE, jax.random.key(0), text=jnp.zeros((1, 17, 256)), text_mask=jnp.ones((1, 17), bool)
+        )
+    with pytest.raises(ValueError, match="must start with a 1x1 scale"):
+        generate(params, TINY, schedules.Schedule(((2, 2), (4, 4))), jax.random.key(0), **cond)
+    few_levels = TransformerConfig(**{**TINY.__dict__, "num_levels": 4})
+    with pytest.raises(ValueError, match="has 7 scales but the model has 4 level embeddings"):
+        generate(params, few_levels, SQUARE, jax.random.key(0), **cond)
+    with pytest.raises(ValueError, match="cfg must be a number or a list of 7 values"):
+        generate(params, TINY, SQUARE, jax.random.key(0), **cond, cfg=[3.0, 3.0])
+    with pytest.raises(ValueError, match=r"class ids must be in \[0, 10\), got 3..10"):
+        generate(random_params(TINY_CLASS), TINY_CLASS, SQUARE, jax.random.key(0), labels=[3, 10])
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(params, TINY, SQUARE, jax.random.key(0), text=cond["text"], text_mask=jnp.zeros((2, 5), bool))
+    with pytest.raises(ValueError, match=r"text features must be \[B, T, 256\]"):
+        generate(params, TINY, SQUARE, jax.random.key(0), text=jnp.zeros((2, 5, 128)), text_mask=cond["text_mask"])
+    with pytest.raises(ValueError, match="needs labels"):
+        generate(random_params(TINY_CLASS), TINY_CLASS, SQUARE, jax.random.key(0))
+    with pytest.raises(ValueError, match="cfg_layer must be 0"):
+        generate(params, TINY, SQUARE, jax.random.key(0), **cond, cfg=2.0, cfg_layer=-2)
+    with pytest.raises(ValueError, match=r"teacher bits of scale 1 must be \(2, 2, 2, 8\)"):
+        generate(
+            params,
+            TINY,
+            SQUARE,
+            jax.random.key(0),
+            **cond,
+            teacher_bits=[jnp.zeros((2, 1, 1, 8)), jnp.zeros((2, 1, 1, 8))],
+        )
+    with pytest.raises(ValueError, match=r"inputs must be \[B, 520, 8\]"):
+        Infinity(TINY).apply({"params": params}, jnp.zeros((2, 100, 8)), SQUARE, **cond)
+    with pytest.raises(ValueError, match="text_dim 200 must be a multiple of 128"):
+        TransformerConfig(depth=1, embed_dim=64, num_heads=2, ffn_dim=256, text_dim=200)
