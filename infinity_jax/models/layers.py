@@ -133,11 +133,12 @@ class SelfAttention(_Attention):
     """
 
     @nn.compact
-    def __call__(self, x, rope, mask=None, cache=None, start: int = 0):
-        """x: [B, n, C]; rope: (cos, sin) [n, hd/2]; cache: (k, v) [B, L, H, hd] or None.
+    def __call__(self, x, rope, mask=None, cache=None, start: int = 0, layer=0):
+        """x: [B, n, C]; rope: (cos, sin) [n, hd/2]; cache: (k, v) [depth, B, L, H, hd] of all layers, or None.
 
-        With a cache, the new keys/values are written at [start, start + n) and the queries attend to the cache's
-        first start + n rows (no mask: everything before is visible). Returns (out [B, n, C], cache).
+        With a cache, this layer's new keys/values are written in place at [layer, :, start : start + n] and the
+        queries attend to the layer's first start + n rows (no mask: everything before is visible). The whole
+        stack is one buffer so that generation never copies it. Returns (out [B, n, C], cache).
         """
         h, hd = self.num_heads, self.head_dim
         qkv = dense(
@@ -153,12 +154,12 @@ class SelfAttention(_Attention):
         q, k = apply_rope(q, *rope), apply_rope(l2_normalize(k), *rope)
         q, k, v = (constrain(t, "act_batch", "act_len", "act_heads", "act_kv") for t in (q, k, v))
         if cache is not None:
-            n = x.shape[1]
+            b, n = x.shape[:2]
             cache = tuple(
-                jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), start, axis=1)
+                jax.lax.dynamic_update_slice(c, t[None].astype(c.dtype), (layer, 0, start, 0, 0))
                 for c, t in zip(cache, (k, v), strict=True)
             )
-            k, v = (c[:, : start + n] for c in cache)
+            k, v = (jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), (1, b, start + n, h, hd))[0] for c in cache)
         out = attention(q.astype(self.dtype), k, v, scale=1.0, mask=mask, implementation=self.attention_impl)
         out = dense(
             self.head_dim * self.num_heads,

@@ -158,7 +158,8 @@ class BlockContext:
 class Block(nn.Module):
     """AdaLN self-attention, cross-attention (text), AdaLN FFN; residual stream in float32 (REFERENCE §3.5).
 
-    Called as (x, ctx, (layer_index, drop_rate, cache)) so that it scans over layers. With cfg_layer >= 0 the
+    Called as ((x, cache), ctx, (layer_index, drop_rate)) so that it scans over layers with the KV cache of all
+    layers in the carry (updated in place; None in training). With cfg_layer >= 0 the
     batch is [cond; uncond] and after layer `cfg_layer` the hidden states become cfg·cond + (1−cfg)·uncond
     (duplicated), the official "CFG on hidden states" option.
     """
@@ -169,8 +170,8 @@ class Block(nn.Module):
     cfg_layer: int = -1
 
     @nn.compact
-    def __call__(self, x, ctx: BlockContext, xs):
-        layer, rate, cache = xs
+    def __call__(self, carry, ctx: BlockContext, xs):
+        (x, cache), (layer, rate) = carry, xs
         c, std = self.config, self.config.init_std
         proj_std = std / math.sqrt(2 * c.depth)
         dtype = c.compute_dtype
@@ -200,7 +201,7 @@ class Block(nn.Module):
             attention_impl=c.attention,
         )
         attn, cache = SelfAttention(**heads, name="sa")(
-            modulate(x, scale1, shift1).astype(dtype), ctx.rope, ctx.mask, cache, self.start
+            modulate(x, scale1, shift1).astype(dtype), ctx.rope, ctx.mask, cache, self.start, layer
         )
         x = x + drop_path(attn.astype(jnp.float32) * gamma1, rate, self.deterministic, self)
         if ctx.condition.memory is not None:
@@ -215,7 +216,7 @@ class Block(nn.Module):
             mixed = ctx.cfg * x[:half] + (1.0 - ctx.cfg) * x[half:]
             # As the official sampler, a scale with cfg = 1 is left unmixed.
             x = jnp.where((layer == self.cfg_layer) & (ctx.cfg != 1.0), jnp.concatenate([mixed, mixed]), x)
-        return x, cache
+        return (x, cache), None
 
 
 class BlockStack(nn.Module):
@@ -242,14 +243,12 @@ class BlockStack(nn.Module):
                 length=c.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            return scanned(c, **attrs, name="layers")(x, ctx, (jnp.arange(c.depth), rates, cache))
-        new_cache = []
+            carry, _ = scanned(c, **attrs, name="layers")((x, cache), ctx, (jnp.arange(c.depth), rates))
+            return carry
+        carry = (x, cache)
         for i in range(c.depth):
-            x, layer_cache = block(c, **attrs, name=f"block_{i}")(
-                x, ctx, (jnp.int32(i), rates[i], None if cache is None else cache[i])
-            )
-            new_cache.append(layer_cache)
-        return x, None if cache is None else tuple(new_cache)
+            carry, _ = block(c, **attrs, name=f"block_{i}")(carry, ctx, (jnp.int32(i), rates[i]))
+        return carry
 
 
 class Infinity(nn.Module):
@@ -389,8 +388,6 @@ def _uncond_init(key, shape, dtype=jnp.float32):
 
 
 def init_cache(config: TransformerConfig, batch: int, schedule: Schedule):
-    """Zeroed KV cache for one generation: per layer (k, v) [B, L, H, hd] in the compute dtype (stacked if scanned)."""
-    shape = (batch, schedule.num_tokens, config.num_heads, config.head_dim)
-    if config.scan_blocks:
-        return tuple(jnp.zeros((config.depth, *shape), config.compute_dtype) for _ in range(2))
-    return tuple(tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(2)) for _ in range(config.depth))
+    """Zeroed KV cache for one generation: (k, v), each [depth, B, L, H, hd] in the compute dtype."""
+    shape = (config.depth, batch, schedule.num_tokens, config.num_heads, config.head_dim)
+    return tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(2))

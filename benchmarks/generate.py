@@ -1,0 +1,139 @@
+"""Generation latency of the infinity_2b layout on one GPU (random weights), against REFERENCE §8.2.
+
+    python benchmarks/generate.py --results benchmarks/RESULTS.md
+    python benchmarks/generate.py --resolutions 0.06M --attention cudnn --no-scan
+
+Setting as the official measurement: batch 1 with CFG (2 rows), 32 text tokens, cfg 4, tau 0.5, top_p 0.97, bf16
+blocks. Each cell: median of --repeats calls after --warmup calls (compilation excluded and reported apart), with
+and without the tokenizer's decode. FLOPs are counted from the traced program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from infinity_jax import generate as gen
+from infinity_jax import schedules
+from infinity_jax.flops import count_flops
+from infinity_jax.models.bsq_vae import TOKENIZERS
+from infinity_jax.models.transformer import Infinity, TransformerConfig
+from infinity_jax.tokenizer import Tokenizer
+
+OFFICIAL_SECONDS = {"0.06M": "0.44–0.47", "0.25M": "1.14–1.17", "1M": "1.04–1.43"}  # REFERENCE §8.2, H100
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def median_seconds(fn, warmup, repeats):
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_resolution(params, config, tok, text, mask, resolution, args):
+    """(resolution, pixels, tokens, {decode: (median s, first-call s)}, transformer FLOPs, peak GiB)."""
+    schedule = schedules.infinity_schedule(1.0, resolution)
+    options = dict(text=text, text_mask=mask, cfg=4.0, tau=0.5, top_p=0.97)
+    cells = {}
+    for decode in (False, True):
+
+        def run(decode=decode):
+            return gen.generate(
+                params, config, schedule, jax.random.key(3), tokenizer=tok if decode else None, **options
+            )
+
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        first_call = time.perf_counter() - start
+        cells[decode] = (median_seconds(run, args.warmup, args.repeats), first_call)
+    # FLOPs of the transformer part (generation without decode), counted from the traced program.
+    static = gen._Static(config, schedule, args.batch, True, 0, False, 0, False)
+    cfg, tau = jnp.full((schedule.num_scales,), 4.0), jnp.full((schedule.num_scales,), 0.5)
+    doubled_text, doubled_mask = jnp.concatenate([text, text]), jnp.concatenate([mask, mask])
+    drop = jnp.arange(2 * args.batch) >= args.batch
+
+    def transformer(p):
+        return gen._generate(
+            p, jax.random.key(3), doubled_text, doubled_mask, None, drop, cfg, tau, 0, 0.97, (), None, static
+        )
+
+    flops = count_flops(transformer, params)
+    mem = jax.devices()[0].memory_stats()
+    peak_gib = (mem or {}).get("peak_bytes_in_use", 0) / 2**30
+    return resolution, schedule.pixel_size[0], schedule.num_tokens, cells, flops, peak_gib
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="infinity_2b")
+    parser.add_argument("--resolutions", default="0.06M,0.25M,1M")
+    parser.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+    parser.add_argument("--no-scan", action="store_true", help="unroll the blocks instead of nn.scan")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--results")
+    args = parser.parse_args(argv)
+
+    config = TransformerConfig.from_size(
+        args.size, dtype="bfloat16", scan_blocks=not args.no_scan, attention=args.attention
+    )
+    text = jax.random.normal(jax.random.key(1), (args.batch, 32, config.text_dim))
+    mask = jnp.ones((args.batch, 32), bool)
+    init = jax.jit(
+        lambda: Infinity(config).init(
+            jax.random.key(0),
+            jnp.zeros((1, 0, config.bits)),
+            schedules.Schedule(((1, 1),)),
+            text=text[:1, :2],
+            text_mask=mask[:1, :2],
+        )
+    )
+    params = nn.unbox(init()["params"])
+    tok = Tokenizer.init(TOKENIZERS["d32reg"], jax.random.key(2), dtype=jnp.bfloat16)
+    device = jax.devices()[0]
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device.device_kind), None)
+    rows = [bench_resolution(params, config, tok, text, mask, r, args) for r in args.resolutions.split(",")]
+    lines = [
+        "| res | tokens | transformer s | + decode s | compile s | TFLOP | TFLOP/s | MFU | peak GiB | official s (H100) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for resolution, pixels, tokens, cells, flops, mem in rows:
+        seconds = cells[False][0]
+        tflops = flops / seconds / 1e12
+        mfu = f"{tflops / peak:.0%}" if peak else "n/a"
+        lines.append(
+            f"| {pixels}² | {tokens} | {seconds:.3f} | {cells[True][0]:.3f} | {cells[True][1]:.0f} | {flops / 1e12:.1f} | "
+            f"{tflops:.0f} | {mfu} | {mem:.1f} | {OFFICIAL_SECONDS.get(resolution, '–')} |"
+        )
+    header = [
+        f"### Generation latency, {args.size}, batch {args.batch} with CFG ({datetime.date.today().isoformat()})",
+        "",
+        f"Device: {device.device_kind}; jax {jax.__version__}; bf16 blocks, attention {args.attention}, "
+        f"{'unrolled' if args.no_scan else 'scanned'} blocks; 32 text tokens, cfg 4, tau 0.5, top_p 0.97; random weights; "
+        f"median of {args.repeats} after {args.warmup} warm-up calls. Official: REFERENCE §8.2 (torch, same H100 kind).",
+        "",
+        "Command: `python " + " ".join(sys.argv) + "`",
+        "",
+    ]
+    table = "\n".join(header + lines) + "\n"
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write("\n" + table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
