@@ -11,14 +11,12 @@ and without the tokenizer's decode. FLOPs are counted from the traced program.
 from __future__ import annotations
 
 import argparse
-import datetime
-import statistics
-import sys
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from common import median_seconds, peak_tflops, report
 
 from infinity_jax import generate as gen
 from infinity_jax import schedules
@@ -28,18 +26,6 @@ from infinity_jax.models.transformer import Infinity, TransformerConfig
 from infinity_jax.tokenizer import Tokenizer
 
 OFFICIAL_SECONDS = {"0.06M": "0.44–0.47", "0.25M": "1.14–1.17", "1M": "1.04–1.43"}  # REFERENCE §8.2, H100
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
-
-
-def median_seconds(fn, warmup, repeats):
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_resolution(params, config, tok, text, mask, resolution, args):
@@ -104,7 +90,7 @@ def main(argv=None):
     params = nn.unbox(init()["params"])
     tok = Tokenizer.init(TOKENIZERS["d32reg"], jax.random.key(2), dtype=jnp.bfloat16)
     device = jax.devices()[0]
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device.device_kind), None)
+    peak = peak_tflops(device)
     rows = [bench_resolution(params, config, tok, text, mask, r, args) for r in args.resolutions.split(",")]
     lines = [
         "| res | tokens | transformer s | + decode s | compile s | TFLOP | TFLOP/s | MFU | peak GiB | official s (H100) |",
@@ -118,21 +104,12 @@ def main(argv=None):
             f"| {pixels}² | {tokens} | {seconds:.3f} | {cells[True][0]:.3f} | {cells[True][1]:.0f} | {flops / 1e12:.1f} | "
             f"{tflops:.0f} | {mfu} | {mem:.1f} | {OFFICIAL_SECONDS.get(resolution, '–')} |"
         )
-    header = [
-        f"### Generation latency, {args.size}, batch {args.batch} with CFG ({datetime.date.today().isoformat()})",
-        "",
+    description = (
         f"Device: {device.device_kind}; jax {jax.__version__}; bf16 blocks, attention {args.attention}, "
         f"{'unrolled' if args.no_scan else 'scanned'} blocks; 32 text tokens, cfg 4, tau 0.5, top_p 0.97; random weights; "
-        f"median of {args.repeats} after {args.warmup} warm-up calls. Official: REFERENCE §8.2 (torch, same H100 kind).",
-        "",
-        "Command: `python " + " ".join(sys.argv) + "`",
-        "",
-    ]
-    table = "\n".join(header + lines) + "\n"
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + table)
-    print(table)
+        f"median of {args.repeats} after {args.warmup} warm-up calls. Official: REFERENCE §8.2 (torch, same H100 kind)."
+    )
+    report(f"Generation latency, {args.size}, batch {args.batch} with CFG", description, lines, args.results)
 
 
 if __name__ == "__main__":

@@ -12,36 +12,17 @@ versions and command.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
+from common import median_seconds, peak_tflops, report
 
 from infinity_jax.flops import count_flops
 from infinity_jax.models.bsq_vae import TOKENIZERS
 from infinity_jax.tokenizer import Tokenizer
 
-# Dense bf16 peak of the chip (datasheet); MFU is reported against it.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 CASES = ((256, 32), (512, 8), (1024, 2))  # (resolution, batch)
-
-
-def peak_tflops(device) -> float | None:
-    return next((v for k, v in PEAK_TFLOPS.items() if k in device.device_kind), None)
-
-
-def time_jax(fn, args, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def time_torch(fn, warmup: int, repeats: int) -> float:
@@ -71,9 +52,9 @@ def bench_ours(name: str, dtype, warmup: int, repeats: int):
         latent = encode(tok, images)
         for stage, fn, arg in (("encode", encode, images), ("decode", decode, latent)):
             flops = count_flops(fn, tok, arg)
-            seconds = time_jax(fn, (tok, arg), warmup, repeats)
+            seconds = median_seconds(lambda fn=fn, arg=arg: fn(tok, arg), warmup, repeats)
             rows.append((resolution, batch, stage, seconds, flops))
-    peak_gb = jax.devices()[0].memory_stats().get("peak_bytes_in_use", 0) / 2**30
+    peak_gb = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30  # None on CPU
     return rows, peak_gb
 
 
@@ -129,20 +110,11 @@ def main(argv=None) -> None:
         versions += f", torch {torch.__version__} (official, bf16 autocast)"
     memory = f"ours {ours_mem:.1f} GiB" + (f", official {official_mem:.1f} GiB" if official_mem is not None else "")
     mfu_note = f" MFU against {peak:.0f} TFLOP/s dense bf16." if peak else ""
-    header = [
-        f"### Tokenizer {args.tokenizer} throughput, {args.dtype} ({datetime.date.today().isoformat()})",
-        "",
+    description = (
         f"Device: {device.device_kind}; {versions}. Random weights; median of {args.repeats} calls after "
-        f"{args.warmup} warm-up calls. Peak GPU memory: {memory}.{mfu_note}",
-        "",
-        "Command: `python " + " ".join(sys.argv) + "`",
-        "",
-    ]
-    table = "\n".join(header + lines) + "\n"
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write("\n" + table)
-    print(table)
+        f"{args.warmup} warm-up calls. Peak GPU memory: {memory}.{mfu_note}"
+    )
+    report(f"Tokenizer {args.tokenizer} throughput, {args.dtype}", description, lines, args.results)
 
 
 if __name__ == "__main__":

@@ -226,8 +226,11 @@ def _check_conditioning(config: TransformerConfig, text, text_mask, labels):
             )
         if text_mask.shape != text.shape[:2]:
             raise ValueError(f"text mask must be {text.shape[:2]}, got {text_mask.shape}")
-        if not bool(np.asarray(text_mask).any(axis=1).all()):
+        host_mask = np.asarray(text_mask)
+        if not bool(host_mask.any(axis=1).all()):
             raise ValueError("every prompt needs at least one token (T5 always emits </s>)")
+        if (np.diff(host_mask.astype(np.int8), axis=1) > 0).any():
+            raise ValueError("text masks must be True for each caption's tokens and False for the padding after them")
         return text, text_mask, None
     if labels is None:
         raise ValueError("a class-conditional model needs labels [B]")

@@ -258,6 +258,10 @@ def test_bad_input_raises_clear_errors():
         generate(random_params(TINY_CLASS), TINY_CLASS, SQUARE, jax.random.key(0), labels=[3, 10])
     with pytest.raises(ValueError, match="at least one token"):
         generate(params, TINY, SQUARE, jax.random.key(0), text=cond["text"], text_mask=jnp.zeros((2, 5), bool))
+    with pytest.raises(ValueError, match="padding after them"):
+        generate(
+            params, TINY, SQUARE, jax.random.key(0), text=cond["text"], text_mask=jnp.array([[0, 1, 1, 1, 1]] * 2, bool)
+        )
     with pytest.raises(ValueError, match=r"text features must be \[B, T, 256\]"):
         generate(params, TINY, SQUARE, jax.random.key(0), text=jnp.zeros((2, 5, 128)), text_mask=cond["text_mask"])
     with pytest.raises(ValueError, match="needs labels"):
@@ -277,3 +281,39 @@ def test_bad_input_raises_clear_errors():
         Infinity(TINY).apply({"params": params}, jnp.zeros((2, 100, 8)), SQUARE, **cond)
     with pytest.raises(ValueError, match="text_dim 200 must be a multiple of 128"):
         TransformerConfig(depth=1, embed_dim=64, num_heads=2, ffn_dim=256, text_dim=200)
+
+
+def test_initialisation_follows_the_released_recipe():
+    config = TransformerConfig(depth=4, embed_dim=256, num_heads=2, ffn_dim=1024, bits=8, text_dim=256, text_maxlen=16)
+    cond = conditioning(config)
+    params = nn.unbox(jax.jit(lambda: Infinity(config).init(jax.random.key(0), jnp.zeros((2, 0, 8)), schedules.Schedule(((1, 1),)), **cond))()["params"])  # fmt: skip
+    tini = (1 / (3 * 256)) ** 0.5
+    block = params["blocks"]["block_2"]
+
+    def std(x):
+        return float(jnp.std(x))
+
+    assert abs(std(block["ffn"]["fc1"]["kernel"]) / tini - 1) < 0.05
+    assert abs(std(block["ffn"]["fc2"]["kernel"]) / (tini / (2 * 4) ** 0.5) - 1) < 0.05  # ×1/√(2·depth)
+    assert (
+        abs(std(params["head"]["kernel"]) / (tini * 0.02) - 1) < 0.1
+        and float(jnp.abs(params["head"]["bias"]).max()) == 0
+    )
+    gss = block["ada_gss"]
+    assert abs(std(gss[:2]) / (256**-0.5 * 5e-6) - 1) < 0.15 and abs(std(gss[2:]) / (256**-0.5 * 1e-3) - 1) < 0.1
+    np.testing.assert_allclose(np.asarray(block["sa"]["scale_mul"]), np.log(4.0), rtol=1e-6)
+    assert abs(std(params["cfg_uncond"]) * 256**0.5 - 1.2 * 0.79) < 0.1  # N(0, 1.2²) truncated at ±2, /√Ct5
+
+
+def test_stochastic_depth_in_training_only():
+    config = TransformerConfig(**{**TINY.__dict__, "drop_path": 0.5})
+    _, inputs = ground_truth(TINY, SQUARE)
+    cond = conditioning(TINY)
+
+    def run(deterministic, seed=0):
+        return Infinity(config).apply(
+            {"params": random_params(TINY)}, inputs, SQUARE, **cond, deterministic=deterministic, rngs={"dropout": jax.random.key(seed)}
+        )  # fmt: skip
+
+    np.testing.assert_allclose(np.asarray(run(True)), np.asarray(full_logits(TINY, SQUARE, inputs, cond)), atol=1e-5)
+    assert float(jnp.abs(run(False, 0) - run(False, 1)).max()) > 1e-3

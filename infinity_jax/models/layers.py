@@ -177,16 +177,17 @@ class CrossAttention(_Attention):
 
     @nn.compact
     def __call__(self, x, memory, memory_mask):
-        """x: [B, n, C]; memory: [B, T, C] (projected text); memory_mask: [B, T] bool -> [B, n, C]."""
+        """x: [B, n, C]; memory: [B, T, C] (projected text); memory_mask: [B, T] bool, True for the first
+        len_b tokens of each caption -> [B, n, C]."""
         h, hd = self.num_heads, self.head_dim
         q = dense((h, hd), ("embed", "heads", "kv"), std=self.std, dtype=self.dtype, name="q")(x)
         kv = dense(
             (2, h, hd), ("embed", None, "heads", "kv"), std=self.std, use_bias=False, dtype=self.dtype, name="kv"
         )(memory)
         v_bias = self.param("v_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")), (h, hd))
-        mask = memory_mask[:, None, None, :]
+        lengths = jnp.sum(memory_mask, axis=-1, dtype=jnp.int32)  # captions are padded at the end
         out = attention(
-            q, kv[:, :, 0], kv[:, :, 1] + v_bias, scale=hd**-0.5, mask=mask, implementation=self.attention_impl
+            q, kv[:, :, 0], kv[:, :, 1] + v_bias, scale=hd**-0.5, kv_lengths=lengths, implementation=self.attention_impl
         )
         return dense(h * hd, ("heads", "kv", "embed"), std=self.proj_std, in_dims=2, dtype=self.dtype, name="proj")(out)
 
@@ -210,7 +211,8 @@ class TextPool(nn.Module):
         kv = dense((2, nh, hd), ("text_embed", None, "heads", "kv"), std=self.std, use_bias=False, name="kv")(text)
         v_bias = self.param("v_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")), (nh, hd))
         q = jnp.broadcast_to(query[None, None], (text.shape[0], 1, nh, hd))
-        out = attention(q, kv[:, :, 0], kv[:, :, 1] + v_bias, scale=hd**-0.5, mask=text_mask[:, None, None, :])
+        lengths = jnp.sum(text_mask, axis=-1, dtype=jnp.int32)  # captions are padded at the end
+        out = attention(q, kv[:, :, 0], kv[:, :, 1] + v_bias, scale=hd**-0.5, kv_lengths=lengths)
         return dense(self.embed_dim, ("heads", "kv", "embed"), std=self.std, in_dims=2, name="proj")(out)[:, 0]
 
 

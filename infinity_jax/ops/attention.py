@@ -33,6 +33,7 @@ def attention(
     *,
     scale: float,
     mask: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
     implementation: str = "xla",
 ) -> jax.Array:
     """Softmax attention.
@@ -41,6 +42,8 @@ def attention(
       query: [B, T, H, D]; key, value: [B, S, H, D].
       scale: multiplies q·k before the softmax.
       mask: bool, broadcastable to [B, H, T, S]; True = attend. Rows need at least one True.
+      kv_lengths: [B] int32, attend to the first kv_lengths[b] keys only (padding; cuDNN takes this, not a
+        [B, 1, 1, S] mask).
       implementation: "xla" or "cudnn".
 
     Returns:
@@ -52,4 +55,6 @@ def attention(
     key, value = key.astype(dtype), value.astype(dtype)
     if mask is not None:
         mask = jnp.asarray(mask, bool)
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, implementation=implementation)
+    return jax.nn.dot_product_attention(
+        query, key, value, mask=mask, scale=scale, key_value_seq_lengths=kv_lengths, implementation=implementation
+    )
