@@ -102,12 +102,13 @@ def test_teacher_forced_generation_equals_the_full_sequence_forward(config, sche
 
 
 def test_scanned_rematerialised_blocks_equal_the_loop():
-    from infinity_jax.convert.transformer import stack_blocks
+    from infinity_jax.convert.transformer import stack_blocks, unstack_blocks
 
     scanned = TransformerConfig(**{**TINY.__dict__, "scan_blocks": True, "remat": "nothing_saveable"})
     _, inputs = ground_truth(TINY, SQUARE)
     cond = conditioning(TINY)
     params = stack_blocks(random_params(TINY), TINY.depth)
+    jax.tree.map(np.testing.assert_array_equal, unstack_blocks(params, TINY.depth), random_params(TINY))
     ours = jax.jit(lambda p: Infinity(scanned).apply({"params": p}, inputs, SQUARE, **cond))(params)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(full_logits(TINY, SQUARE, inputs, cond)), atol=1e-5)
     grads = jax.jit(jax.grad(lambda p: jnp.sum(Infinity(scanned).apply({"params": p}, inputs, SQUARE, **cond) ** 2)))(

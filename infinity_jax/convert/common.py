@@ -124,8 +124,3 @@ def load_torch_state_dict(path: str, containers: Sequence[str] = ()) -> dict[str
 def conv_kernel(weight: np.ndarray) -> np.ndarray:
     """torch Conv2d [O, I, kh, kw] -> flax [kh, kw, I, O]."""
     return np.transpose(weight, (2, 3, 1, 0)) if weight.ndim == 4 else weight
-
-
-def linear_kernel(weight: np.ndarray) -> np.ndarray:
-    """torch Linear [out, in] -> flax [in, out]."""
-    return np.transpose(weight) if weight.ndim == 2 else weight

@@ -7,8 +7,7 @@ environment lacks, so `load_official_infinity` puts stand-ins written here in `s
 - `flash_attn`: `flash_attn_func` and `flash_attn_varlen_kvpacked_func` in plain torch (`flash_attn.ops` stays absent,
   so basic.py falls back to its unfused ops, as without the fused flash-attn kernels);
 - `timm`, `timm.models`, `timm.models.layers`: `register_model` (returns the function) and `DropPath`/`drop_path`;
-- `infinity.models.fused_op`: the official one wraps its norms in `torch.compile`; the stand-in computes the same
-  formulas eagerly;
+- `infinity.models.fused_op`: the official one wraps its norms in `torch.compile`; the stand-in is our eager AdaLN;
 - `pytz` (imported by infinity/utils/dist.py and misc.py, used only for log time stamps), only where it is missing.
 
 infinity/utils/dist.py itself needs no stand-in: it runs single-process on CPU when torch.distributed is not
@@ -124,24 +123,20 @@ def _timm_stand_ins():
 
 
 def _fused_op_stand_in():
-    """infinity.models.fused_op without torch.compile: the same formulas, computed eagerly after `.float()`."""
+    """infinity.models.fused_op, whose norms are torch.compile'd: our eager AdaLN, LN(x)·(1 + scale) + shift in
+    float32 (REFERENCE §3.5). Only the LayerNorm variant is used by the released models; the RMSNorm one must exist
+    for the import (or the official code silently falls back to its unfused path, see REFERENCE §8.1)."""
     module = types.ModuleType("infinity.models.fused_op")
 
-    def fused_rms_norm(x, weight, eps):
-        x = x.float()
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
     def fused_ada_layer_norm(C, eps, x, scale, shift):
-        """layer_norm(x) over the last axis C, without affine, then x * (1 + scale) + shift."""
-        x = F.layer_norm(x.float(), (C,), weight=None, bias=None, eps=eps)
-        return x * (scale + 1) + shift
+        x = x.float()
+        mean = x.mean(dim=-1, keepdim=True)
+        var = (x - mean).square().mean(dim=-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + eps) * (1 + scale) + shift
 
     def fused_ada_rms_norm(C, eps, x, scale, shift):
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        return x * (scale + 1) + shift
+        raise NotImplementedError("the released models use LayerNorm (rms_norm=False)")
 
-    module.fused_rms_norm = fused_rms_norm
     module.fused_ada_layer_norm = fused_ada_layer_norm
     module.fused_ada_rms_norm = fused_ada_rms_norm
     return module

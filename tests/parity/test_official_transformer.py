@@ -16,6 +16,7 @@ from infinity_jax import quantizer, schedules
 from infinity_jax.convert import transformer as convert
 from infinity_jax.generate import generate
 from infinity_jax.models.transformer import Infinity, TransformerConfig
+from infinity_jax.ops.resize import bilinear_resize
 
 pytest.importorskip("torch")
 OFFICIAL = os.environ.get("INFINITY_OFFICIAL")
@@ -47,8 +48,6 @@ def _inputs(config, schedule, seed=0):
     latent_sums = [
         quantizer.bits_to_latent([jnp.asarray(b) for b in bits[: k + 1]], schedule.grid) for k in range(len(bits) - 1)
     ]
-    from infinity_jax.ops.resize import bilinear_resize
-
     inputs = quantizer.flatten_scales([bilinear_resize(s, schedule.scales[k + 1]) for k, s in enumerate(latent_sums)])
     return text, mask, bits, np.asarray(inputs)
 
