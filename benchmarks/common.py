@@ -9,12 +9,12 @@ import time
 
 import jax
 
-# Dense bf16 peak of the chip (datasheet); MFU is reported against it.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+from infinity_jax.flops import peak_flops
 
 
 def peak_tflops(device) -> float | None:
-    return next((v for k, v in PEAK_TFLOPS.items() if k in device.device_kind), None)
+    peak = peak_flops(device)
+    return peak / 1e12 if peak else None
 
 
 def median_seconds(fn, warmup: int, repeats: int) -> float:

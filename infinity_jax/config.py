@@ -16,9 +16,10 @@ import dataclasses
 
 import ml_collections
 
-from infinity_jax import schedules
+from infinity_jax import schedules, sharding
 from infinity_jax.models import bsq_vae, sizes
 
+DATA_SOURCES = ("jsonl", "folder", "tfds", "array_record")
 LAYOUT_FIELDS = ("family", "depth", "embed_dim", "num_heads", "ffn_dim", "drop_path", "block_chunks", "shared_aln")
 
 
@@ -93,9 +94,94 @@ def var_model_config(size: str) -> ml_collections.ConfigDict:
     return model_config(size, num_classes=1000, codebook_size=sizes.VAR_CODEBOOK_SIZE, cond_drop_rate=0.1)
 
 
+def text_config(layout: str = "flan_t5_xl") -> ml_collections.ConfigDict:
+    """The `text` section: the frozen T5 encoder (a Hugging Face folder, or "random" weights of `layout`)."""
+    return ml_collections.ConfigDict(
+        {"layout": layout, "checkpoint": "", "tokenizer": "", "max_length": sizes.TEXT_MAXLEN, "dtype": "bfloat16"}
+    )
+
+
+def data_config(source: str = "jsonl", path: str = "") -> ml_collections.ConfigDict:
+    """The `data` section (see infinity_jax/data/sources.py for the source kinds)."""
+    return ml_collections.ConfigDict(
+        {
+            "source": source,
+            "path": path,
+            "tfds_name": "",
+            "split": "train",
+            "tfds_text_key": "",
+            "templates": schedules.H_DIV_W_TEMPLATES,
+            "default_template": 1.0,
+            "short_caption_prob": 0.5,
+            "min_size": 16,
+            "max_pixels": 1 << 26,
+            "workers": 0,
+        }
+    )
+
+
+def train_config(batch_size: int = 16, num_steps: int = 100_000) -> ml_collections.ConfigDict:
+    """The `train` section: batch, length, loss options, logging and checkpointing."""
+    return ml_collections.ConfigDict(
+        {
+            "batch_size": batch_size,
+            "num_steps": num_steps,
+            "grad_accum": 1,
+            "label_smoothing": 0.0,
+            "reweight_by_scale": True,
+            "log_every": 50,
+            "checkpoint_every": 1000,
+            "keep_checkpoints": 3,
+            "async_checkpoints": True,
+            "init_from": "",
+            "record_example_ids": False,
+            "count_flops": True,
+        }
+    )
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    """The `optim` section: the released recipe (REFERENCE §3.8); lr ≤ 0 means tblr · batch / 256."""
+    return ml_collections.ConfigDict(
+        {
+            "lr": -1.0,
+            "tblr": 6e-3,
+            "b1": 0.9,
+            "b2": 0.97,
+            "eps": 1e-8,
+            "weight_decay": 0.005,
+            "clip": 5.0,
+            "warmup_steps": 0,
+            "schedule": "constant",
+            "end_ratio": 0.0,
+        }
+    )
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+    """The `mesh` section: axis sizes (one may be -1: the rest) over all devices, or the first num_devices."""
+    return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "tensor": tensor, "num_devices": -1})
+
+
+def sharding_config() -> ml_collections.ConfigDict:
+    """Logical-axis rules of the trained transformer and of the frozen towers (weights replicated)."""
+    return ml_collections.ConfigDict(
+        {
+            "rules": sharding.TRANSFORMER_RULES,
+            "tokenizer_rules": sharding.TOKENIZER_RULES,
+            "text_rules": sharding.TOKENIZER_RULES,
+        }
+    )
+
+
 def bsc_config(strength: float = 0.3) -> ml_collections.ConfigDict:
     """Bitwise Self-Correction as released (train.sh): every scale, strength 0.3, re-quantized."""
     return ml_collections.ConfigDict({"strength": strength, "num_flip_scales": -1, "requant": True})
+
+
+def templates(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+    """The aspect-ratio templates a config trains on (all of them without a `data` section)."""
+    return tuple(config.data.templates) if "data" in config else schedules.H_DIV_W_TEMPLATES
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -132,10 +218,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "schedule" in config:
         if model.family == "infinity":
             schedules.infinity_schedule(1.0, config.schedule.resolution)
-            for template in config.schedule.templates:
+            for template in templates(config):
                 schedules.template_key(template)
         else:
             schedules.var_schedule(config.schedule.resolution)
+    if model.get("cond", "text") not in ("text", "class"):
+        raise ValueError(f"model.cond must be 'text' or 'class', got {model.cond!r}")
+    if model.get("cond") == "text" and "train" in config and "text" not in config:
+        raise ValueError("a text-conditional training config needs a `text` section (the T5 encoder)")
+    if "data" in config and config.data.source not in DATA_SOURCES:
+        raise ValueError(f"unknown data.source {config.data.source!r}; valid: {', '.join(DATA_SOURCES)}")
+    if "train" in config and config.train.batch_size % config.train.grad_accum:
+        raise ValueError(
+            f"train.batch_size={config.train.batch_size} is not divisible by train.grad_accum={config.train.grad_accum}"
+        )
     if "bsc" in config and not 0.0 <= config.bsc.strength <= 1.0:
         raise ValueError(f"bsc.strength must be in [0, 1], got {config.bsc.strength}")
     return config

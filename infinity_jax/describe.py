@@ -24,7 +24,7 @@ def summary(config) -> str:
         params = sizes.count_params(layout, bits=model.bits, text_dim=model.text_dim, text_maxlen=model.text_maxlen)
         lines.append(f"parameters: {params:,} (analytic, official layout)")
         lines.append(f"schedules at {config.schedule.resolution}: template -> pixels, scales, tokens")
-        for template in config.schedule.templates:
+        for template in config_lib.templates(config):
             s = schedules.infinity_schedule(template, config.schedule.resolution)
             lines.append(f"  {template:>6}: {s.pixel_size[0]}x{s.pixel_size[1]}, K={s.num_scales}, L={s.num_tokens}")
     else:

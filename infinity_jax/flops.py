@@ -13,6 +13,15 @@ import math
 import jax
 from jax.extend import core as jex_core
 
+# Dense bf16 peak FLOP/s of one chip (datasheets); MFU is reported against it.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v6": 918e12,
+              "TPU v4": 275e12}  # fmt: skip
+
+
+def peak_flops(device) -> float | None:
+    """The chip's peak bf16 FLOP/s, or None when unknown (e.g. CPU)."""
+    return next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), None)
+
 
 def _dot_flops(eqn) -> float:
     (lhs_contract, _), _ = eqn.params["dimension_numbers"]

@@ -29,7 +29,9 @@ _TALL_GRIDS = {
     3.000: ((1, 1), (2, 2), (6, 2), (9, 3), (15, 5), (21, 7), (27, 9), (36, 12), (45, 15), (54, 18), (72, 24), (90, 30), (111, 37)),
 }  # fmt: skip
 
-RESOLUTIONS = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+# Number of scales per resolution. The official code defines 0.06M … 1M; 0.004M (64² at 1:1) and 0.016M (128²) are
+# ours, shorter prefixes of the same grids, for small experiments (scaling studies, tests).
+RESOLUTIONS = {"0.004M": 3, "0.016M": 5, "0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
 
 VAR_PATCH_NUMS = {
     256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),

@@ -32,9 +32,20 @@ TRANSFORMER_RULES = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None):
-    """A ("data", "fsdp", "tensor") mesh; one axis may be -1 (the rest of the devices)."""
+def make_mesh(
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    num_devices: int = -1,
+):
+    """A ("data", "fsdp", "tensor") mesh over `devices` (all by default, or the first `num_devices` of them);
+    one axis may be -1 (the rest of the devices)."""
     devices = list(jax.devices() if devices is None else devices)
+    if num_devices > 0:
+        if num_devices > len(devices):
+            raise ValueError(f"mesh.num_devices={num_devices} but only {len(devices)} devices exist")
+        devices = devices[:num_devices]
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")

@@ -70,6 +70,8 @@ TOKENIZERS = {
     "d32reg": TokenizerConfig(bits=32),
     "d64": TokenizerConfig(bits=64),
     "d14_f8": TokenizerConfig(bits=14, stride=8, ch_mult=(1, 2, 4, 4), patchify=True),
+    # Ours: a narrow stride-16 tokenizer for tests and CPU smoke runs.
+    "tiny": TokenizerConfig(bits=16, base_ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1),
 }
 
 

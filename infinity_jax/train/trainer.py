@@ -1,0 +1,323 @@
+"""The training loop of the transformer: mesh, sharded init or resume, input, the jitted step, metrics, checkpoints.
+
+Resume order (big_vision's): a checkpoint in the workdir, else `train.init_from` (a params-only checkpoint, e.g.
+converted official weights), else a fresh sharded init. SIGTERM (or a pod's preemption notice) saves the state and
+the data position, waits for the save, and returns; the same command then resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import threading
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from infinity_jax import config as config_lib
+from infinity_jax import flops, schedules, sharding
+from infinity_jax.convert import tokenizer as convert_tokenizer
+from infinity_jax.data import pipeline, sources
+from infinity_jax.models.t5 import T5Encoder, get_t5_layout
+from infinity_jax.models.transformer import TransformerConfig
+from infinity_jax.text import load_text_tokenizer
+from infinity_jax.tokenizer import Tokenizer
+from infinity_jax.train import checkpoint, metrics, optim
+from infinity_jax.train.step import Frozen, StepConfig, init_state, train_step
+
+HOST_FIELDS = ("id", "skipped", "template")
+_log = logging.getLogger("infinity_jax.train")
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def maybe_initialize_distributed() -> None:
+    """`jax.distributed.initialize()` on multi-process launches only (it fails on a plain single-host run)."""
+    if os.environ.get("INFINITY_JAX_DISTRIBUTED") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+
+
+def _rules(pairs) -> tuple:
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in pairs)
+
+
+def transformer_config(config: ml_collections.ConfigDict) -> TransformerConfig:
+    m = config.model
+    if m.family != "infinity":
+        raise ValueError(f"training the {m.family} family is not supported yet (its VQ-VAE tokenizer is missing)")
+    fields = ("depth", "embed_dim", "num_heads", "ffn_dim", "bits", "cond", "shared_aln", "drop_path", "text_dim",
+              "text_maxlen", "num_classes", "dtype", "scan_blocks", "remat", "attention")  # fmt: skip
+    return TransformerConfig(**{f: m[f] for f in fields if f in m})
+
+
+def step_config(config: ml_collections.ConfigDict) -> StepConfig:
+    model = transformer_config(config)
+    text = get_t5_layout(config.text.layout) if model.cond == "text" else None
+    return StepConfig(
+        model=model,
+        text=text,
+        text_dtype=config.text.dtype if text else "float32",
+        patchify=config.tokenizer.patchify,
+        bsc_strength=config.bsc.strength,
+        bsc_num_flip_scales=config.bsc.num_flip_scales,
+        bsc_requant=config.bsc.requant,
+        cond_drop_rate=config.model.cond_drop_rate,
+        label_smoothing=config.train.label_smoothing,
+        reweight_by_scale=config.train.reweight_by_scale,
+        grad_accum=config.train.grad_accum,
+        seed=config.seed,
+        rules=_rules(config.sharding.rules),
+        tokenizer_rules=_rules(config.sharding.tokenizer_rules),
+        text_rules=_rules(config.sharding.text_rules),
+    )
+
+
+# -- frozen towers ---------------------------------------------------------------------------------------------
+
+
+def _place(params, module: nn.Module, inputs, mesh, rules):
+    """Host arrays -> device arrays laid out by the module's logical axis names under `rules`."""
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    boxed = jax.eval_shape(lambda key: module.init(key, *inputs)["params"], jax.random.key(0))
+    return jax.device_put(params, sharding.logical_shardings(boxed, mesh, rules))
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, mesh, rules) -> Tokenizer:
+    """The frozen tokenizer: "random", an official .pth/.safetensors, or a params-only checkpoint folder."""
+    layout = config_lib.tokenizer_layout(config.tokenizer)
+    where = config.tokenizer.checkpoint
+    dtype = jax.numpy.dtype(config.tokenizer.dtype)
+    if not where:
+        raise ValueError(
+            "set tokenizer.checkpoint: an official infinity_vae_*.pth, a params checkpoint folder, "
+            "or 'random' (untrained weights, for smoke runs only)"
+        )
+    module = Tokenizer(params=None, config=layout).module
+    pixels = jax.numpy.zeros((1, layout.stride, layout.stride, 3))
+    params = _frozen_params(where, lambda key: module.init(key, pixels)["params"], config.seed, mesh, rules)
+    if params is None:
+        params = _place(convert_tokenizer.load_official(where, layout), module, pixels, mesh, rules)
+    return Tokenizer(params=params, config=layout, dtype=dtype)
+
+
+def _frozen_params(where: str, init, seed: int, mesh, rules, dtype=jax.numpy.float32):
+    """Random ("random") or params-checkpoint (a folder) weights in `dtype`, placed by `rules`; None for other
+    sources."""
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    if where == "random":
+        cast = jax.jit(
+            lambda key: jax.tree.map(lambda x: x.astype(dtype), nn.unbox(init(key))), out_shardings=shardings
+        )
+        return cast(jax.random.key(seed))
+    if os.path.isdir(where) and os.path.isdir(os.path.join(where, "params")):
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s), nn.unbox(boxed), shardings
+        )
+        return checkpoint.load_params(where, abstract)
+    return None
+
+
+def load_text_encoder(config: ml_collections.ConfigDict, mesh, rules):
+    """The frozen T5 encoder's params: "random" (of `text.layout`), a params checkpoint, or a Hugging Face folder."""
+    from infinity_jax.convert import t5 as convert_t5
+
+    layout = get_t5_layout(config.text.layout)
+    where = config.text.checkpoint
+    if not where:
+        raise ValueError("set text.checkpoint: a Hugging Face T5 folder (e.g. flan-t5-xl) or 'random'")
+    if layout.d_model != config.model.text_dim:
+        raise ValueError(f"T5 width {layout.d_model} != model.text_dim {config.model.text_dim}")
+    tokens = jax.numpy.zeros((1, 2), jax.numpy.int32)
+    module = T5Encoder(layout)
+    dtype = jax.numpy.dtype(config.text.dtype)
+
+    def init(key):
+        return module.init(key, tokens, tokens > 0)["params"]
+
+    params = _frozen_params(where, init, config.seed + 1, mesh, rules, dtype)
+    if params is None:
+        params, found = convert_t5.load_pretrained(where, dtype)
+        if found != layout:
+            raise ValueError(f"the T5 in {where} is {found}, but text.layout={config.text.layout!r} is {layout}")
+        params = _place(params, module, (tokens, tokens > 0), mesh, rules)
+    return params
+
+
+def text_tokenizer_path(config: ml_collections.ConfigDict) -> str:
+    path = config.text.tokenizer or config.text.checkpoint
+    if not path or path == "random":
+        raise ValueError("set text.tokenizer: a Hugging Face model folder or a T5 tokenizer.json")
+    return path
+
+
+# -- the loop --------------------------------------------------------------------------------------------------
+
+
+class _StopSignal:
+    """Turns SIGTERM into a flag checked between steps (installed from the main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _preempted(stop: _StopSignal, manager: checkpoint.Checkpointer, step: int) -> bool:
+    # Multi-process: every process must stop at the same step; jax's preemption sync point agrees on one.
+    if jax.process_count() > 1:
+        return manager.manager.reached_preemption(step)
+    return stop.requested
+
+
+def _input(config, process_index: int, process_count: int):
+    cond = config.model.cond
+    tokenizer = load_text_tokenizer(text_tokenizer_path(config)) if cond == "text" else None
+    spec = pipeline.InputSpec(
+        resolution=config.schedule.resolution,
+        cond=cond,
+        global_batch=config.train.batch_size,
+        templates=config_lib.templates(config),
+        default_template=config.data.default_template,
+        seed=config.seed,
+        text_tokenizer=tokenizer,
+        max_length=config.text.max_length if cond == "text" else 0,
+        short_caption_prob=config.data.short_caption_prob,
+        min_size=config.data.min_size,
+        max_pixels=config.data.max_pixels,
+        workers=config.data.workers,
+    )
+    return pipeline.make_dataset(sources.make_source(config.data), spec, process_index, process_count)
+
+
+def _check_finite(step: int, values: dict, last_saved: int | None) -> None:
+    bad = [k for k in ("loss", "grad_norm", "param_norm") if not np.isfinite(values[k])]
+    if bad:
+        kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved else "no checkpoint was written"
+        raise NonFiniteLossError(f"non-finite {' and '.join(bad)} at step {step}; stopping ({kept})")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str):
+    """Trains to `train.num_steps` (or until SIGTERM). Returns (the final TrainState, the metrics logged)."""
+    config_lib.validate(config)
+    maybe_initialize_distributed()
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(**config.mesh)
+    sc = step_config(config)
+    total = config.train.num_steps
+    optimizer, learning_rate = optim.make_optimizer(config.optim, config.train.batch_size, total)
+
+    frozen = Frozen(
+        tokenizer=load_tokenizer(config, mesh, sc.tokenizer_rules),
+        text=load_text_encoder(config, mesh, sc.text_rules) if sc.model.cond == "text" else None,
+    )
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+
+    init_schedule = schedules.infinity_schedule(config_lib.templates(config)[0], config.schedule.resolution)
+    init_fn = functools.partial(init_state, sc, optimizer, init_schedule)
+    boxed = jax.eval_shape(init_fn, jax.random.key(0))
+    state_shardings = sharding.logical_shardings(boxed, mesh, sc.rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), state_shardings
+    )
+
+    dataset = _input(config, jax.process_index(), jax.process_count())
+    iterator = iter(dataset)
+    manager = checkpoint.Checkpointer(workdir, config.train.keep_checkpoints, config.train.async_checkpoints)
+    latest = manager.latest_step()
+    if latest is not None:
+        state = manager.restore(latest, abstract, iterator)
+        _log.info("resumed from %s at step %d", workdir, latest)
+    else:
+        init_key = jax.random.key(config.seed)
+        state = jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=state_shardings)(init_key)
+        if config.train.init_from:
+            state = state.replace(params=checkpoint.load_params(config.train.init_from, abstract.params))
+    last_saved = latest
+
+    peak = flops.peak_flops(jax.devices()[0])
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    compiled, step_flops = {}, {}
+
+    def step_fn(schedule, device_batch):
+        if schedule not in compiled:
+            fn = functools.partial(
+                train_step, step_config=sc, optimizer=optimizer, learning_rate=learning_rate, schedule=schedule
+            )
+            batch_shardings = jax.tree.map(lambda _: batch_sharding, device_batch)
+            compiled[schedule] = jax.jit(
+                fn,
+                in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+                out_shardings=(state_shardings, None),
+                donate_argnums=0,
+            )
+            if config.train.count_flops and peak:  # MFU needs the chip's peak; CPUs have none
+                step_flops[schedule] = flops.count_flops(fn, abstract, frozen, device_batch)
+        return compiled[schedule]
+
+    writer = metrics.MetricWriter(workdir, total, enabled=jax.process_index() == 0)
+    stop = _StopSignal()
+    history, skipped, interval_start, interval_steps = [], 0, None, 0
+    step = int(jax.device_get(state.step))
+    try:
+        while step < total:
+            batch = next(iterator)
+            host = {k: batch.pop(k) for k in HOST_FIELDS}
+            skipped += int(host["skipped"].sum())
+            schedule = schedules.infinity_schedule(float(host["template"][0]), config.schedule.resolution)
+            device_batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+            with jax.set_mesh(mesh):
+                state, step_metrics = step_fn(schedule, device_batch)(state, frozen, device_batch)
+            step += 1
+            if interval_start is None:  # the first step compiles: time from its end
+                jax.block_until_ready(step_metrics)
+                interval_start, interval_steps = time.perf_counter(), 0
+            else:
+                interval_steps += 1
+            stopping = _preempted(stop, manager, step)
+            log_now = step % config.train.log_every == 0 or step == total or stopping
+            save_now = step % config.train.checkpoint_every == 0 or step == total or stopping
+            if log_now or save_now:
+                values = metrics.flatten(jax.device_get(step_metrics))
+                _check_finite(step, values, last_saved)
+            if log_now:
+                elapsed = time.perf_counter() - interval_start
+                if interval_steps:
+                    step_time = elapsed / interval_steps
+                    values["step_time"] = step_time
+                    values["images_per_s"] = config.train.batch_size / step_time
+                    values["tokens_per_s"] = config.train.batch_size * schedule.num_tokens / step_time
+                    if schedule in step_flops and peak:
+                        values["mfu"] = step_flops[schedule] / step_time / (peak * jax.device_count())
+                values["data/skipped"] = skipped
+                extra = {"example_ids": host["id"].tolist()} if config.train.record_example_ids else None
+                writer.write(step, values, extra)
+                history.append({"step": step, **values, **(extra or {})})
+                interval_start, interval_steps = time.perf_counter(), 0
+            if save_now:
+                manager.save(step, state, iterator, config, force=True)
+                last_saved = step
+            if stopping:
+                _log.warning("stop requested (SIGTERM/preemption): saved step %d, exiting", step)
+                break
+    finally:
+        manager.wait()
+        manager.close()
+        writer.close()
+        stop.restore()
+    return state, history
