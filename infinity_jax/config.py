@@ -116,6 +116,7 @@ def data_config(source: str = "jsonl", path: str = "") -> ml_collections.ConfigD
             "min_size": 16,
             "max_pixels": 1 << 26,
             "workers": 0,
+            "precomputed": False,
         }
     )
 

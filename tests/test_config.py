@@ -82,7 +82,7 @@ def test_cli_overrides_and_summary():
 def test_cli_errors_are_one_clear_line():
     out = _describe("--config", "configs/infinity.py:size=tiny", "--config.model.nope=1")
     assert out.returncode != 0
-    assert "unknown config key 'model.nope': 'nope' is not in model; valid keys there: bits," in out.stderr
+    assert "unknown config key 'model.nope': 'nope' is not in model; valid keys there: attention, bits," in out.stderr
     assert "Traceback" not in out.stderr
     out = _describe("--config", "configs/infinity.py:size=tiny", "--config.model.depth=5")
     assert out.returncode != 0 and "model.depth=5 (size tiny has 2)" in out.stderr and "Traceback" not in out.stderr

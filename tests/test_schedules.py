@@ -80,7 +80,7 @@ def test_nearest_template_and_image_lookup():
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(ValueError, match=r"valid resolutions: 0\.06M, 0\.25M, 0\.60M, 1M"):
+    with pytest.raises(ValueError, match=r"valid resolutions: 0\.004M, 0\.016M, 0\.06M, 0\.25M, 0\.60M, 1M"):
         schedules.infinity_schedule(1.0, "2M")
     with pytest.raises(
         ValueError, match=r"valid h/w templates: 0\.333, 0\.4, .*3\.0.*nearest_template\(0\.7\) = 0\.666"

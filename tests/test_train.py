@@ -120,22 +120,28 @@ def test_tiny_model_learns_on_real_images(tmp_path, cond):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
 
 
-def test_mesh_layouts_give_the_same_loss(tmp_path):
-    results = {}
-    for mesh in [(8, 1, 1), (2, 2, 2), (1, 1, 1)]:
-        config = tiny_config(steps=1)
-        config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2], num_devices=int(np.prod(mesh)))
-        results[mesh] = _losses(train(config, str(tmp_path / "_".join(map(str, mesh))))[1])[0]
-    assert abs(results[(2, 2, 2)] - results[(8, 1, 1)]) < 1e-5 and abs(results[(1, 1, 1)] - results[(8, 1, 1)]) < 1e-5
+def _on_mesh(steps, data, fsdp, tensor):
+    config = tiny_config(steps=steps)
+    config.mesh.update(data=data, fsdp=fsdp, tensor=tensor, num_devices=data * fsdp * tensor)
+    return config
 
 
-def test_parameters_sharded_as_the_rules_say(tmp_path):
-    config = tiny_config(steps=1)
-    config.mesh.update(data=2, fsdp=2, tensor=2)
-    state, _ = train(config, str(tmp_path))
-    boxed = _boxed_params(config)
-    rules = dict(config.sharding.rules)
-    boxes = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+def test_meshes_give_the_same_losses_and_checkpoints_move_between_them(tmp_path):
+    state, on_222 = train(_on_mesh(4, 2, 2, 2), str(tmp_path / "222"))
+    _, on_811 = train(_on_mesh(2, 8, 1, 1), str(tmp_path / "811"))
+    _, on_111 = train(_on_mesh(1, 1, 1, 1), str(tmp_path / "111"))
+    np.testing.assert_allclose(_losses(on_811), _losses(on_222)[:2], atol=1e-5)
+    np.testing.assert_allclose(_losses(on_111), _losses(on_222)[:1], atol=1e-5)
+    # The (8, 1, 1) run's checkpoint at step 2 resumes on (2, 2, 2) and continues as the (2, 2, 2) run did.
+    _, resumed = train(_on_mesh(4, 2, 2, 2), str(tmp_path / "811"))
+    assert [r["step"] for r in resumed] == [3, 4]
+    np.testing.assert_allclose(_losses(resumed), _losses(on_222)[2:], rtol=1e-5)
+
+    # Every parameter is laid out as the rules say, and Adam's moments like their parameters.
+    rules = dict(tiny_config().sharding.rules)
+    boxes = jax.tree_util.tree_leaves(
+        _boxed_params(tiny_config()), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+    )
     leaves = jax.tree_util.tree_leaves(state.params)
     assert len(boxes) == len(leaves) > 40
     for box, leaf in zip(boxes, leaves, strict=True):
@@ -144,7 +150,7 @@ def test_parameters_sharded_as_the_rules_say(tmp_path):
         assert spec == expected, (box.names, spec)
     kernel = state.params["blocks"]["block_0"]["ffn"]["fc1"]["kernel"]  # [embed, mlp] -> (fsdp, tensor)
     assert kernel.addressable_shards[0].data.shape == (kernel.shape[0] // 2, kernel.shape[1] // 2)
-    mu = state.opt_state[1][0].mu["blocks"]["block_0"]["ffn"]["fc1"]["kernel"]  # Adam moments shard alike
+    mu = state.opt_state[1][0].mu["blocks"]["block_0"]["ffn"]["fc1"]["kernel"]
     assert mu.sharding.spec == kernel.sharding.spec
 
 
@@ -189,19 +195,6 @@ def test_sigterm_then_resume_is_exact(tmp_path):
     np.testing.assert_allclose([r["loss"] for r in resumed], [r["loss"] for r in straight], rtol=1e-6)
 
 
-def test_checkpoint_from_one_mesh_resumes_on_another(tmp_path):
-    config = tiny_config(steps=4)
-    config.mesh.update(data=8, fsdp=1, tensor=1)
-    _, straight = train(config, str(tmp_path / "straight"))
-    config.train.num_steps = 2
-    train(config, str(tmp_path / "moved"))
-    config.train.num_steps = 4
-    config.mesh.update(data=2, fsdp=2, tensor=2)
-    _, resumed = train(config, str(tmp_path / "moved"))
-    assert [r["step"] for r in resumed] == [3, 4]
-    np.testing.assert_allclose(_losses(resumed), _losses(straight)[2:], rtol=1e-5)
-
-
 def test_init_from_a_params_checkpoint(tmp_path):
     config = tiny_config(steps=3)
     _, first = train(config, str(tmp_path / "a"))
@@ -231,3 +224,23 @@ def test_missing_frozen_weights_is_a_clear_error(tmp_path):
     config.tokenizer.checkpoint = ""
     with pytest.raises(ValueError, match=r"set tokenizer\.checkpoint"):
         train(config, str(tmp_path))
+
+
+def test_precomputed_latents_and_text_features_train_like_images(tmp_path):
+    from infinity_jax.data.precompute import precompute
+
+    config = tiny_config(steps=3)
+    config.text.dtype = "float32"
+    config.mesh.num_devices = 1
+    index = precompute(config, str(tmp_path / "pre"), batch_size=8)
+    assert index["precomputed"] and len(index["h_div_w"]) == 18 and index["skipped"] == 0
+    _, from_images = train(config, str(tmp_path / "images"))
+    config.data.update(source="array_record", path=str(tmp_path / "pre"), precomputed=True)
+    config.tokenizer.checkpoint = config.text.checkpoint = ""  # not needed any more
+    _, from_records = train(config, str(tmp_path / "records"))
+    np.testing.assert_allclose(_losses(from_records), _losses(from_images), rtol=1e-5)
+    config.data.update(source="jsonl", path=SET)  # images again, but no frozen towers: a clear error
+    for cond in ("text", "class"):
+        config.model.cond = cond
+        with pytest.raises(ValueError, match=r"data\.precomputed=True but the records hold (captions|images)"):
+            train(config, str(tmp_path / f"wrong_{cond}"))

@@ -92,6 +92,9 @@ class Preprocess(grain.transforms.RandomMap):
 
     cond: "text" (pick the short caption with probability `short_caption_prob`, else the long one when present,
     then T5-tokenize to `max_length`) or "class" (the record's `label`).
+    Records written by `data.precompute` carry the tokenizer's latent (`latent`, checked against `latent_grid`) and
+    T5 features of their captions (`text_features`, `long_text_features`: the caption's rows only) instead of
+    an image and captions; the example then holds `latent` [h, w, d] and `text` [max_length, Ct5] + `text_mask`.
     """
 
     pixel_size: tuple[int, int]
@@ -102,12 +105,16 @@ class Preprocess(grain.transforms.RandomMap):
     short_caption_prob: float = 0.5
     min_size: int = 16
     max_pixels: int = 1 << 26
+    latent_grid: tuple[int, int] | None = None
 
     def random_map(self, raw: dict, rng: np.random.Generator) -> dict:
         try:
             example = {"id": np.int64(raw["id"]), "template": np.float32(self.template)}
             example.update(self._condition(raw, rng))
-            example["image"] = read_image(raw.get("image"), self.pixel_size, self.min_size, self.max_pixels)
+            if "latent" in raw:
+                example["latent"] = self._latent(raw["latent"])
+            else:
+                example["image"] = read_image(raw.get("image"), self.pixel_size, self.min_size, self.max_pixels)
             return example
         except BadRecord as error:
             return {"id": np.int64(raw["id"]), "error": f"{_describe(raw)}: {error}"}
@@ -117,13 +124,49 @@ class Preprocess(grain.transforms.RandomMap):
             if raw.get("label") is None:
                 raise BadRecord("no label")
             return {"label": np.int32(raw["label"])}
+        long = rng.random() >= self.short_caption_prob
+        if "text_features" in raw:
+            features = raw.get("long_text_features") if long else None
+            return self._features(load_array(features or raw["text_features"]))
+        if self.text_tokenizer is None:  # a config error, not a bad record: stop
+            raise ValueError(
+                "data.precomputed=True but the records hold captions, not T5 features: write them with "
+                "python -m infinity_jax.data.precompute, or set data.precomputed=False"
+            )
         caption = raw.get("text") or ""
-        if raw.get("long_caption") and rng.random() >= self.short_caption_prob:
+        if raw.get("long_caption") and long:
             caption = raw["long_caption"]
         if not str(caption).strip():
             raise BadRecord("empty caption")
         tokens, mask = text.tokenize(self.text_tokenizer, [str(caption)], self.max_length)
         return {"tokens": tokens[0], "text_mask": mask[0]}
+
+    def _features(self, rows: np.ndarray) -> dict:
+        if rows.ndim != 2 or not 0 < len(rows) <= self.max_length:
+            raise BadRecord(f"text features of shape {rows.shape}, expected [1..{self.max_length}, Ct5]")
+        padded = np.zeros((self.max_length, rows.shape[1]), np.float32)
+        padded[: len(rows)] = rows
+        return {"text": padded, "text_mask": np.arange(self.max_length) < len(rows)}
+
+    def _latent(self, data: bytes) -> np.ndarray:
+        latent = load_array(data).astype(np.float32)
+        if latent.ndim != 3 or tuple(latent.shape[:2]) != tuple(self.latent_grid):
+            raise BadRecord(f"latent of shape {latent.shape}, expected {tuple(self.latent_grid)} x d")
+        return latent
+
+
+def save_array(array: np.ndarray) -> bytes:
+    """An array as .npy bytes (how precomputed records store latents and text features)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def load_array(data: bytes) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise BadRecord(f"cannot read a stored array ({error})") from None
 
 
 def _describe(raw: dict) -> str:
@@ -186,6 +229,7 @@ class InputSpec:
     min_size: int = 16
     max_pixels: int = 1 << 26
     workers: int = 0
+    latent_stride: int = schedules.VAE_STRIDE  # pixels per latent cell (8 for the patchified f8 tokenizer)
 
 
 def make_dataset(source, spec: InputSpec, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
@@ -209,6 +253,7 @@ def make_dataset(source, spec: InputSpec, process_index: int = 0, process_count:
             spec.short_caption_prob,
             spec.min_size,
             spec.max_pixels,
+            tuple(p // spec.latent_stride for p in schedule.pixel_size),
         )
         records = (
             grain.MapDataset.source(indices)

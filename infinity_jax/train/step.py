@@ -189,9 +189,9 @@ def train_step(
     metrics = {
         **metrics,
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
-        "update_norm": optax.global_norm(updates),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "update_norm": optax.tree.norm(updates),
         "learning_rate": learning_rate(state.step),
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

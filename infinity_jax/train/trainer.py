@@ -21,13 +21,12 @@ import numpy as np
 
 from infinity_jax import config as config_lib
 from infinity_jax import flops, schedules, sharding
-from infinity_jax.convert import tokenizer as convert_tokenizer
 from infinity_jax.data import pipeline, sources
-from infinity_jax.models.t5 import T5Encoder, get_t5_layout
+from infinity_jax.models.t5 import get_t5_layout
 from infinity_jax.models.transformer import TransformerConfig
 from infinity_jax.text import load_text_tokenizer
-from infinity_jax.tokenizer import Tokenizer
 from infinity_jax.train import checkpoint, metrics, optim
+from infinity_jax.train import frozen as frozen_towers
 from infinity_jax.train.step import Frozen, StepConfig, init_state, train_step
 
 HOST_FIELDS = ("id", "skipped", "template")
@@ -79,85 +78,6 @@ def step_config(config: ml_collections.ConfigDict) -> StepConfig:
     )
 
 
-# -- frozen towers ---------------------------------------------------------------------------------------------
-
-
-def _place(params, module: nn.Module, inputs, mesh, rules):
-    """Host arrays -> device arrays laid out by the module's logical axis names under `rules`."""
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    boxed = jax.eval_shape(lambda key: module.init(key, *inputs)["params"], jax.random.key(0))
-    return jax.device_put(params, sharding.logical_shardings(boxed, mesh, rules))
-
-
-def load_tokenizer(config: ml_collections.ConfigDict, mesh, rules) -> Tokenizer:
-    """The frozen tokenizer: "random", an official .pth/.safetensors, or a params-only checkpoint folder."""
-    layout = config_lib.tokenizer_layout(config.tokenizer)
-    where = config.tokenizer.checkpoint
-    dtype = jax.numpy.dtype(config.tokenizer.dtype)
-    if not where:
-        raise ValueError(
-            "set tokenizer.checkpoint: an official infinity_vae_*.pth, a params checkpoint folder, "
-            "or 'random' (untrained weights, for smoke runs only)"
-        )
-    module = Tokenizer(params=None, config=layout).module
-    pixels = jax.numpy.zeros((1, layout.stride, layout.stride, 3))
-    params = _frozen_params(where, lambda key: module.init(key, pixels)["params"], config.seed, mesh, rules)
-    if params is None:
-        params = _place(convert_tokenizer.load_official(where, layout), module, pixels, mesh, rules)
-    return Tokenizer(params=params, config=layout, dtype=dtype)
-
-
-def _frozen_params(where: str, init, seed: int, mesh, rules, dtype=jax.numpy.float32):
-    """Random ("random") or params-checkpoint (a folder) weights in `dtype`, placed by `rules`; None for other
-    sources."""
-    boxed = jax.eval_shape(init, jax.random.key(0))
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
-    if where == "random":
-        cast = jax.jit(
-            lambda key: jax.tree.map(lambda x: x.astype(dtype), nn.unbox(init(key))), out_shardings=shardings
-        )
-        return cast(jax.random.key(seed))
-    if os.path.isdir(where) and os.path.isdir(os.path.join(where, "params")):
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s), nn.unbox(boxed), shardings
-        )
-        return checkpoint.load_params(where, abstract)
-    return None
-
-
-def load_text_encoder(config: ml_collections.ConfigDict, mesh, rules):
-    """The frozen T5 encoder's params: "random" (of `text.layout`), a params checkpoint, or a Hugging Face folder."""
-    from infinity_jax.convert import t5 as convert_t5
-
-    layout = get_t5_layout(config.text.layout)
-    where = config.text.checkpoint
-    if not where:
-        raise ValueError("set text.checkpoint: a Hugging Face T5 folder (e.g. flan-t5-xl) or 'random'")
-    if layout.d_model != config.model.text_dim:
-        raise ValueError(f"T5 width {layout.d_model} != model.text_dim {config.model.text_dim}")
-    tokens = jax.numpy.zeros((1, 2), jax.numpy.int32)
-    module = T5Encoder(layout)
-    dtype = jax.numpy.dtype(config.text.dtype)
-
-    def init(key):
-        return module.init(key, tokens, tokens > 0)["params"]
-
-    params = _frozen_params(where, init, config.seed + 1, mesh, rules, dtype)
-    if params is None:
-        params, found = convert_t5.load_pretrained(where, dtype)
-        if found != layout:
-            raise ValueError(f"the T5 in {where} is {found}, but text.layout={config.text.layout!r} is {layout}")
-        params = _place(params, module, (tokens, tokens > 0), mesh, rules)
-    return params
-
-
-def text_tokenizer_path(config: ml_collections.ConfigDict) -> str:
-    path = config.text.tokenizer or config.text.checkpoint
-    if not path or path == "random":
-        raise ValueError("set text.tokenizer: a Hugging Face model folder or a T5 tokenizer.json")
-    return path
-
-
 # -- the loop --------------------------------------------------------------------------------------------------
 
 
@@ -187,7 +107,8 @@ def _preempted(stop: _StopSignal, manager: checkpoint.Checkpointer, step: int) -
 
 def _input(config, process_index: int, process_count: int):
     cond = config.model.cond
-    tokenizer = load_text_tokenizer(text_tokenizer_path(config)) if cond == "text" else None
+    online_text = cond == "text" and not config.data.precomputed
+    tokenizer = load_text_tokenizer(frozen_towers.text_tokenizer_path(config)) if online_text else None
     spec = pipeline.InputSpec(
         resolution=config.schedule.resolution,
         cond=cond,
@@ -201,6 +122,7 @@ def _input(config, process_index: int, process_count: int):
         min_size=config.data.min_size,
         max_pixels=config.data.max_pixels,
         workers=config.data.workers,
+        latent_stride=config.tokenizer.stride,
     )
     return pipeline.make_dataset(sources.make_source(config.data), spec, process_index, process_count)
 
@@ -222,9 +144,13 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     total = config.train.num_steps
     optimizer, learning_rate = optim.make_optimizer(config.optim, config.train.batch_size, total)
 
+    # Precomputed records carry latents and T5 features: the frozen towers are then not needed on device.
+    online = not config.data.precomputed
     frozen = Frozen(
-        tokenizer=load_tokenizer(config, mesh, sc.tokenizer_rules),
-        text=load_text_encoder(config, mesh, sc.text_rules) if sc.model.cond == "text" else None,
+        tokenizer=frozen_towers.load_tokenizer(config, mesh, sc.tokenizer_rules) if online else None,
+        text=frozen_towers.load_text_encoder(config, mesh, sc.text_rules)
+        if online and sc.model.cond == "text"
+        else None,
     )
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
@@ -256,6 +182,11 @@ def train(config: ml_collections.ConfigDict, workdir: str):
 
     def step_fn(schedule, device_batch):
         if schedule not in compiled:
+            if ("image" in device_batch or "tokens" in device_batch) and not online:
+                raise ValueError(
+                    "data.precomputed=True but the records hold images/captions: write them with "
+                    "python -m infinity_jax.data.precompute, or set data.precomputed=False"
+                )
             fn = functools.partial(
                 train_step, step_config=sc, optimizer=optimizer, learning_rate=learning_rate, schedule=schedule
             )
