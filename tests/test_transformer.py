@@ -1,5 +1,6 @@
 """The next-scale transformer: sizes, full-sequence vs KV-cached generation, guidance, sampling, sharding, errors."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -318,3 +319,46 @@ def test_stochastic_depth_in_training_only():
 
     np.testing.assert_allclose(np.asarray(run(True)), np.asarray(full_logits(TINY, SQUARE, inputs, cond)), atol=1e-5)
     assert float(jnp.abs(run(False, 0) - run(False, 1)).max()) > 1e-3
+
+
+@pytest.mark.parametrize("h_div_w, resolution", [(1.0, "0.016M"), (0.5, "0.016M")])
+def test_splash_attention_equals_dense_block_causal(h_div_w, resolution):
+    """The TPU splash kernel (interpreted on CPU) against the dense masked attention: values and gradients, on a
+    square and a non-square schedule whose lengths (121, 81) are padded to the kernel's 128-token blocks."""
+    from infinity_jax.ops.attention import attention, block_causal_mask
+    from infinity_jax.ops.splash import block_causal_attention, padded_block_causal_mask
+
+    schedule = schedules.infinity_schedule(h_div_w, resolution)
+    length = schedule.num_tokens
+    assert padded_block_causal_mask(schedule, 128).shape == (128, 128) and length % 128
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, cotangent = (jax.random.normal(key, (2, length, 2, 32)) for key in keys)
+    mask = jnp.asarray(block_causal_mask(schedule))[None, None]
+
+    def dense(q, k, v):
+        return attention(q, k, v, scale=0.3, mask=mask)
+
+    def splash(q, k, v):
+        return block_causal_attention(q, k, v, schedule, scale=0.3, interpret=True)
+
+    np.testing.assert_allclose(splash(q, k, v), dense(q, k, v), atol=1e-5)
+    grads = [jax.grad(lambda *x, f=f: jnp.sum(f(*x) * cotangent), argnums=(0, 1, 2))(q, k, v) for f in (dense, splash)]
+    for expected, got in zip(*grads, strict=True):
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_splash_attention_in_the_model_under_a_mesh():
+    """The model with attention="splash_interpret" under a (data, fsdp, tensor) mesh (shard_map over batch and
+    heads) gives the dense model's logits."""
+    schedule = schedules.infinity_schedule(1.0, "0.004M")
+    dense_config = TransformerConfig.from_size("tiny", bits=16, text_dim=256)
+    inputs = jax.random.normal(jax.random.key(1), (4, schedule.num_tokens - 1, 16))
+    text = jax.random.normal(jax.random.key(2), (4, 6, 256))
+    text_mask = jnp.arange(6)[None] < jnp.asarray([6, 3, 1, 4])[:, None]
+    params = Infinity(dense_config).init(jax.random.key(0), inputs, schedule, text, text_mask)["params"]
+    expected = Infinity(dense_config).apply({"params": params}, inputs, schedule, text, text_mask)
+    splash_model = Infinity(dataclasses.replace(dense_config, attention="splash_interpret"))
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices("cpu"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.TRANSFORMER_RULES):
+        got = jax.jit(lambda p: splash_model.apply({"params": p}, inputs, schedule, text, text_mask))(params)
+    np.testing.assert_allclose(got, expected, atol=1e-5)

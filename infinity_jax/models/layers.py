@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from infinity_jax.ops.attention import attention
 from infinity_jax.ops.rope import apply_rope
+from infinity_jax.ops.splash import block_causal_attention
 
 LN_EPS = 1e-6
 MAX_LOG_SCALE = math.log(100.0)  # the cap on cos-attention's learned per-head scale
@@ -124,6 +125,11 @@ class _Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
 
+    @property
+    def kernel(self) -> str:
+        """The `ops.attention` kernel for unmasked/padded attention (splash only serves the block-causal mask)."""
+        return "xla" if self.attention_impl.startswith("splash") else self.attention_impl
+
 
 class SelfAttention(_Attention):
     """Cosine self-attention with 2D RoPE and an optional KV cache.
@@ -133,7 +139,7 @@ class SelfAttention(_Attention):
     """
 
     @nn.compact
-    def __call__(self, x, rope, mask=None, cache=None, start: int = 0, layer=0):
+    def __call__(self, x, rope, mask=None, cache=None, start: int = 0, layer=0, schedule=None):
         """x: [B, n, C]; rope: (cos, sin) [n, hd/2]; cache: (k, v) [depth, B, L, H, hd] of all layers, or None.
 
         With a cache, this layer's new keys/values are written in place at [layer, :, start : start + n] and the
@@ -160,7 +166,11 @@ class SelfAttention(_Attention):
                 for c, t in zip(cache, (k, v), strict=True)
             )
             k, v = (jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), (1, b, start + n, h, hd))[0] for c in cache)
-        out = attention(q.astype(self.dtype), k, v, scale=1.0, mask=mask, implementation=self.attention_impl)
+        if self.attention_impl.startswith("splash") and mask is not None:
+            interpret = self.attention_impl == "splash_interpret"
+            out = block_causal_attention(q.astype(self.dtype), k, v, schedule, scale=1.0, interpret=interpret)
+        else:
+            out = attention(q.astype(self.dtype), k, v, scale=1.0, mask=mask, implementation=self.kernel)
         out = dense(
             self.head_dim * self.num_heads,
             ("heads", "kv", "embed"),
@@ -187,7 +197,7 @@ class CrossAttention(_Attention):
         v_bias = self.param("v_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")), (h, hd))
         lengths = jnp.sum(memory_mask, axis=-1, dtype=jnp.int32)  # captions are padded at the end
         out = attention(
-            q, kv[:, :, 0], kv[:, :, 1] + v_bias, scale=hd**-0.5, kv_lengths=lengths, implementation=self.attention_impl
+            q, kv[:, :, 0], kv[:, :, 1] + v_bias, scale=hd**-0.5, kv_lengths=lengths, implementation=self.kernel
         )
         return dense(h * hd, ("heads", "kv", "embed"), std=self.proj_std, in_dims=2, dtype=self.dtype, name="proj")(out)
 

@@ -38,6 +38,10 @@ from infinity_jax.models.layers import (
     normal,
 )
 from infinity_jax.ops.attention import IMPLEMENTATIONS, block_causal_mask
+
+# Splash attention (the TPU kernel, or the same kernel interpreted on CPU for tests) serves the training mask;
+# generation and cross-attention then use XLA's kernel.
+ATTENTIONS = (*IMPLEMENTATIONS, "splash", "splash_interpret")
 from infinity_jax.ops.rope import rope_table
 from infinity_jax.schedules import Schedule
 
@@ -56,7 +60,7 @@ class TransformerConfig:
     dtype: compute dtype of the blocks ("float32" or "bfloat16"); parameters are float32.
     scan_blocks / remat: run the blocks as one `nn.scan` (parameters stacked on a "layers" axis) and
       rematerialise each block with a `jax.checkpoint_policies` policy ("none" keeps activations).
-    attention: "xla" or "cudnn" kernel.
+    attention: "xla" or "cudnn" kernel, or "splash" (TPU; "splash_interpret" on CPU) for the training mask.
     """
 
     depth: int
@@ -83,8 +87,8 @@ class TransformerConfig:
             raise ValueError(f"embed_dim {self.embed_dim} / num_heads {self.num_heads} must be a multiple of 4 (RoPE)")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
-        if self.attention not in IMPLEMENTATIONS:
-            raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(IMPLEMENTATIONS)}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTIONS)}")
         pool_head = 128 if self.embed_dim <= 4096 else 64
         if self.cond == "text" and (self.text_dim % pool_head or self.embed_dim % (self.text_dim // pool_head)):
             raise ValueError(
@@ -147,12 +151,14 @@ class Condition:
 
 @struct.dataclass
 class BlockContext:
-    """Per-call inputs shared by all blocks: conditioning, RoPE rows of the tokens, mask, guidance weight."""
+    """Per-call inputs shared by all blocks: conditioning, RoPE rows of the tokens, mask, guidance weight, and the
+    schedule (static; the splash kernel builds its block-sparse mask from it)."""
 
     condition: Condition
     rope: tuple[jax.Array, jax.Array]
     mask: jax.Array | None = None
     cfg: jax.Array | None = None
+    schedule: Schedule | None = struct.field(pytree_node=False, default=None)
 
 
 class Block(nn.Module):
@@ -201,7 +207,7 @@ class Block(nn.Module):
             attention_impl=c.attention,
         )
         attn, cache = SelfAttention(**heads, name="sa")(
-            modulate(x, scale1, shift1).astype(dtype), ctx.rope, ctx.mask, cache, self.start, layer
+            modulate(x, scale1, shift1).astype(dtype), ctx.rope, ctx.mask, cache, self.start, layer, ctx.schedule
         )
         x = x + drop_path(attn.astype(jnp.float32) * gamma1, rate, self.deterministic, self)
         if ctx.condition.memory is not None:
@@ -355,7 +361,10 @@ class Infinity(nn.Module):
         x = x + self.lvl_embed(jnp.asarray(schedule.scale_ids()))[None]
         cos, sin = rope_table(schedule, self.config.head_dim)
         ctx = BlockContext(
-            condition, (jnp.asarray(cos), jnp.asarray(sin)), mask=jnp.asarray(block_causal_mask(schedule))[None, None]
+            condition,
+            (jnp.asarray(cos), jnp.asarray(sin)),
+            mask=jnp.asarray(block_causal_mask(schedule))[None, None],
+            schedule=schedule,
         )
         x, _ = self.blocks(x, ctx, deterministic=deterministic)
         return self.logits(x, condition.cond)
