@@ -39,12 +39,12 @@ from infinity_jax.models.layers import (
 )
 from infinity_jax.ops.attention import IMPLEMENTATIONS, block_causal_mask
 
-# Splash attention (the TPU kernel, or the same kernel interpreted on CPU for tests) serves the training mask;
-# generation and cross-attention then use XLA's kernel.
-ATTENTIONS = (*IMPLEMENTATIONS, "splash", "splash_interpret")
 from infinity_jax.ops.rope import rope_table
 from infinity_jax.schedules import Schedule
 
+# Splash attention (the TPU kernel, or the same kernel interpreted on CPU for tests) serves the training mask;
+# generation and cross-attention then use XLA's kernel.
+ATTENTIONS = (*IMPLEMENTATIONS, "splash", "splash_interpret")
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 # Special initialisation of the released training recipe (REFERENCE §3.8): AdaLN gates ×5e-6, AdaLN
 # scale/shift ×1e-3, head ×0.02, residual output projections ×1/√(2·depth).
