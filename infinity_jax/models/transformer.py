@@ -38,7 +38,6 @@ from infinity_jax.models.layers import (
     normal,
 )
 from infinity_jax.ops.attention import IMPLEMENTATIONS, block_causal_mask
-
 from infinity_jax.ops.rope import rope_table
 from infinity_jax.schedules import Schedule
 
