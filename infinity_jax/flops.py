@@ -13,9 +13,10 @@ import math
 import jax
 from jax.extend import core as jex_core
 
-# Dense bf16 peak FLOP/s of one chip (datasheets); MFU is reported against it.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v6": 918e12,
-              "TPU v4": 275e12}  # fmt: skip
+# Dense bf16 peak FLOP/s of one chip (datasheets), by jax device_kind ("TPU v5" is v5p; "lite" kinds first, the
+# lookup takes the first name contained in the kind); MFU is reported against it.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5 lite": 197e12, "TPU v6 lite": 918e12,
+              "TPU v5": 459e12, "TPU v4": 275e12}  # fmt: skip
 
 
 def peak_flops(device) -> float | None:

@@ -9,6 +9,10 @@ import os
 # compiling small programs.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+# CPU only, also on a TPU VM or GPU host and with libtpu installed (tests/test_aot.py compiles for TPU
+# topologies explicitly, which works without a TPU backend).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)

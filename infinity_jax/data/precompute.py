@@ -105,16 +105,16 @@ def precompute(config: ml_collections.ConfigDict, out: str, batch_size: int = 32
     return index
 
 
-OUT = flags.DEFINE_string("out", None, "Output folder for the records and index.json.")
-BATCH = flags.DEFINE_integer("batch_size", 32, "Images encoded per call.")
-
-
 def main(config):
-    if not OUT.value:
+    out, batch_size = flags.FLAGS.out, flags.FLAGS.batch_size
+    if not out:
         raise SystemExit("error: --out is required")
-    index = precompute(config, OUT.value, BATCH.value)
-    print(f"wrote {len(index['h_div_w'])} records to {OUT.value} ({index['skipped']} unusable images skipped)")
+    index = precompute(config, out, batch_size)
+    print(f"wrote {len(index['h_div_w'])} records to {out} ({index['skipped']} unusable images skipped)")
 
 
 if __name__ == "__main__":
+    # Defined only when run as a program: other tools define --out too, and tests import them all.
+    flags.DEFINE_string("out", None, "Output folder for the records and index.json.")
+    flags.DEFINE_integer("batch_size", 32, "Images encoded per call.")
     cli.run(main)

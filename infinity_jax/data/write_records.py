@@ -46,20 +46,20 @@ def write_records(source, out: str, shard_size: int = 10_000) -> dict:
     return index
 
 
-_SOURCE = flags.DEFINE_enum("source", "jsonl", ["jsonl", "folder"], "Layout of the input dataset.")
-_PATH = flags.DEFINE_string("path", None, "The jsonl file (glob) or the class-folder root.")
-_OUT = flags.DEFINE_string("out", None, "Output folder for the shards and index.json.")
-_SHARD_SIZE = flags.DEFINE_integer("shard_size", 10_000, "Records per shard.")
-
-
 def main(argv):
     del argv
-    if not _PATH.value or not _OUT.value:
+    f = flags.FLAGS
+    if not f.path or not f.out:
         raise app.UsageError("--path and --out are required")
-    source = sources.JsonlSource(_PATH.value) if _SOURCE.value == "jsonl" else sources.FolderSource(_PATH.value)
-    index = write_records(source, _OUT.value, _SHARD_SIZE.value)
-    print(f"wrote {len(index['h_div_w'])} records in {len(index['files'])} shard(s) to {_OUT.value}")
+    source = sources.JsonlSource(f.path) if f.source == "jsonl" else sources.FolderSource(f.path)
+    index = write_records(source, f.out, f.shard_size)
+    print(f"wrote {len(index['h_div_w'])} records in {len(index['files'])} shard(s) to {f.out}")
 
 
 if __name__ == "__main__":
+    # Defined only when run as a program: other tools define --out too, and tests import them all.
+    flags.DEFINE_enum("source", "jsonl", ["jsonl", "folder"], "Layout of the input dataset.")
+    flags.DEFINE_string("path", None, "The jsonl file (glob) or the class-folder root.")
+    flags.DEFINE_string("out", None, "Output folder for the shards and index.json.")
+    flags.DEFINE_integer("shard_size", 10_000, "Records per shard.")
     app.run(main)

@@ -19,6 +19,7 @@ from infinity_jax.convert import tokenizer as convert_tokenizer
 from infinity_jax.models.t5 import T5Encoder, get_t5_layout
 from infinity_jax.tokenizer import Tokenizer
 from infinity_jax.train import checkpoint
+from infinity_jax.train.step import Frozen
 
 
 def _place(params, module: nn.Module, inputs, mesh, rules):
@@ -95,3 +96,39 @@ def text_tokenizer_path(config: ml_collections.ConfigDict) -> str:
     if not path or path == "random":
         raise ValueError("set text.tokenizer: a Hugging Face model folder or a T5 tokenizer.json")
     return path
+
+
+def load(config: ml_collections.ConfigDict, mesh, step_config) -> Frozen:
+    """Both towers (T5 only for text conditioning), placed by the step config's rules."""
+    text = step_config.model.cond == "text"
+    return Frozen(
+        tokenizer=load_tokenizer(config, mesh, step_config.tokenizer_rules),
+        text=load_text_encoder(config, mesh, step_config.text_rules) if text else None,
+    )
+
+
+def abstract(config: ml_collections.ConfigDict, mesh, step_config) -> Frozen:
+    """The towers as ShapeDtypeStructs with their shardings (ahead-of-time compilation; nothing is loaded)."""
+    layout = config_lib.tokenizer_layout(config.tokenizer)
+    module = Tokenizer(params=None, config=layout).module
+    pixels = jax.numpy.zeros((1, layout.stride, layout.stride, 3))
+    tokenizer = Tokenizer(
+        params=_abstract(lambda key: module.init(key, pixels)["params"], mesh, step_config.tokenizer_rules),
+        config=layout,
+        dtype=jax.numpy.dtype(config.tokenizer.dtype),
+    )
+    if step_config.model.cond != "text":
+        return Frozen(tokenizer=tokenizer)
+    tokens = jax.numpy.zeros((1, 2), jax.numpy.int32)
+    t5 = T5Encoder(get_t5_layout(config.text.layout))
+    text = _abstract(lambda key: t5.init(key, tokens, tokens > 0)["params"], mesh, step_config.text_rules,
+                     jax.numpy.dtype(config.text.dtype))  # fmt: skip
+    return Frozen(tokenizer=tokenizer, text=text)
+
+
+def _abstract(init, mesh, rules, dtype=None):
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s), nn.unbox(boxed), shardings
+    )

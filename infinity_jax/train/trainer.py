@@ -7,17 +7,21 @@ the data position, waits for the save, and returns; the same command then resume
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from infinity_jax import config as config_lib
 from infinity_jax import flops, schedules, sharding
@@ -134,26 +138,23 @@ def _check_finite(step: int, values: dict, last_saved: int | None) -> None:
         raise NonFiniteLossError(f"non-finite {' and '.join(bad)} at step {step}; stopping ({kept})")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str):
-    """Trains to `train.num_steps` (or until SIGTERM). Returns (the final TrainState, the metrics logged)."""
-    config_lib.validate(config)
-    maybe_initialize_distributed()
-    os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.make_mesh(**config.mesh)
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The pieces of a run that depend only on the config and the mesh (shared with the AOT compiler)."""
+
+    step_config: StepConfig
+    optimizer: optax.GradientTransformation
+    learning_rate: optax.Schedule
+    init_fn: Callable  # key -> TrainState with logically partitioned (boxed) parameters
+    state_shardings: Any
+    abstract_state: Any  # ShapeDtypeStructs carrying the shardings
+    batch_sharding: jax.sharding.NamedSharding
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     sc = step_config(config)
-    total = config.train.num_steps
-    optimizer, learning_rate = optim.make_optimizer(config.optim, config.train.batch_size, total)
-
-    # Precomputed records carry latents and T5 features: the frozen towers are then not needed on device.
-    online = not config.data.precomputed
-    frozen = Frozen(
-        tokenizer=frozen_towers.load_tokenizer(config, mesh, sc.tokenizer_rules) if online else None,
-        text=frozen_towers.load_text_encoder(config, mesh, sc.text_rules)
-        if online and sc.model.cond == "text"
-        else None,
-    )
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-
+    optimizer, learning_rate = optim.make_optimizer(config.optim, config.train.batch_size, config.train.num_steps)
+    # Parameters do not depend on the schedule: any template gives the same shapes.
     init_schedule = schedules.infinity_schedule(config_lib.templates(config)[0], config.schedule.resolution)
     init_fn = functools.partial(init_state, sc, optimizer, init_schedule)
     boxed = jax.eval_shape(init_fn, jax.random.key(0))
@@ -161,23 +162,59 @@ def train(config: ml_collections.ConfigDict, workdir: str):
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), state_shardings
     )
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    return Setup(sc, optimizer, learning_rate, init_fn, state_shardings, abstract, batch_sharding)
+
+
+def jit_step(setup: Setup, schedule: schedules.Schedule, frozen_shardings, batch: dict):
+    """(the jitted step for one schedule, the plain step function) with state donated and every sharding given."""
+    fn = functools.partial(
+        train_step,
+        step_config=setup.step_config,
+        optimizer=setup.optimizer,
+        learning_rate=setup.learning_rate,
+        schedule=schedule,
+    )
+    batch_shardings = jax.tree.map(lambda _: setup.batch_sharding, batch)
+    jitted = jax.jit(
+        fn,
+        in_shardings=(setup.state_shardings, frozen_shardings, batch_shardings),
+        out_shardings=(setup.state_shardings, None),
+        donate_argnums=0,
+    )
+    return jitted, fn
+
+
+def train(config: ml_collections.ConfigDict, workdir: str):
+    """Trains to `train.num_steps` (or until SIGTERM). Returns (the final TrainState, the metrics logged)."""
+    config_lib.validate(config)
+    maybe_initialize_distributed()
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(**config.mesh)
+    setup = build(config, mesh)
+    total = config.train.num_steps
+
+    # Precomputed records carry latents and T5 features: the frozen towers are then not needed on device.
+    online = not config.data.precomputed
+    frozen = frozen_towers.load(config, mesh, setup.step_config) if online else Frozen()
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
 
     dataset = _input(config, jax.process_index(), jax.process_count())
     iterator = iter(dataset)
     manager = checkpoint.Checkpointer(workdir, config.train.keep_checkpoints, config.train.async_checkpoints)
     latest = manager.latest_step()
     if latest is not None:
-        state = manager.restore(latest, abstract, iterator)
+        state = manager.restore(latest, setup.abstract_state, iterator)
         _log.info("resumed from %s at step %d", workdir, latest)
     else:
         init_key = jax.random.key(config.seed)
-        state = jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=state_shardings)(init_key)
+        state = jax.jit(lambda k: nn.unbox(setup.init_fn(k)), out_shardings=setup.state_shardings)(init_key)
         if config.train.init_from:
-            state = state.replace(params=checkpoint.load_params(config.train.init_from, abstract.params))
+            state = state.replace(params=checkpoint.load_params(config.train.init_from, setup.abstract_state.params))
     last_saved = latest
 
     peak = flops.peak_flops(jax.devices()[0])
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    batch_sharding = setup.batch_sharding
     compiled, step_flops = {}, {}
 
     def step_fn(schedule, device_batch):
@@ -187,18 +224,9 @@ def train(config: ml_collections.ConfigDict, workdir: str):
                     "data.precomputed=True but the records hold images/captions: write them with "
                     "python -m infinity_jax.data.precompute, or set data.precomputed=False"
                 )
-            fn = functools.partial(
-                train_step, step_config=sc, optimizer=optimizer, learning_rate=learning_rate, schedule=schedule
-            )
-            batch_shardings = jax.tree.map(lambda _: batch_sharding, device_batch)
-            compiled[schedule] = jax.jit(
-                fn,
-                in_shardings=(state_shardings, frozen_shardings, batch_shardings),
-                out_shardings=(state_shardings, None),
-                donate_argnums=0,
-            )
+            compiled[schedule], fn = jit_step(setup, schedule, frozen_shardings, device_batch)
             if config.train.count_flops and peak:  # MFU needs the chip's peak; CPUs have none
-                step_flops[schedule] = flops.count_flops(fn, abstract, frozen, device_batch)
+                step_flops[schedule] = flops.count_flops(fn, setup.abstract_state, frozen, device_batch)
         return compiled[schedule]
 
     writer = metrics.MetricWriter(workdir, total, enabled=jax.process_index() == 0)

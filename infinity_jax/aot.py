@@ -1,0 +1,218 @@
+"""Ahead-of-time compilation of the real train step for a TPU slice, from shapes alone, on any machine.
+
+    python -m infinity_jax.aot --config configs/infinity.py:size=2b,res=0.25M,batch=256 --topology v5p:4x4x4 \
+        --mesh data=1,fsdp=64,tensor=1
+
+With libtpu installed (`pip install "jax[tpu]"`), `jax.experimental.topologies` describes a real slice on a CPU
+host and XLA compiles the step for it: no parameters are materialised. The report gives the per-chip memory
+(arguments, outputs, temporaries, total against the chip's HBM), the compiler's FLOPs per step against our
+analytic count, the predicted step time at a stated MFU, and the sharding of the largest arrays. A step that
+does not fit (the TPU compiler refuses it, or the total exceeds the chip's HBM) exits non-zero with what to
+change. The compiler's FLOPs count a scanned loop's body once, so for `scan_blocks` layouts it is far below the
+analytic count; the analytic count is the one used for time and MFU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+
+from infinity_jax import cli, flops, schedules, sharding
+from infinity_jax.train import frozen as frozen_towers
+from infinity_jax.train import trainer
+
+GIB = 1 << 30
+# HBM per chip (datasheets), by jax device_kind; "lite" kinds first: "TPU v5" is a prefix of "TPU v5 lite".
+HBM_BYTES = {"TPU v5 lite": 16 * GIB, "TPU v6 lite": 32 * GIB, "TPU v5": 95 * GIB, "TPU v4": 32 * GIB}
+
+
+def hbm_bytes(device) -> int | None:
+    return next((v for k, v in HBM_BYTES.items() if device.device_kind.startswith(k)), None)
+
+
+def topology_devices(name: str) -> list:
+    """The devices of a TPU slice such as "v5p:4x4x4", "v5e:16x16" or "v6e:2x2" (needs libtpu)."""
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    except Exception as error:  # libtpu raises plain RuntimeErrors for unknown names and missing libtpu
+        raise ValueError(
+            f"cannot describe TPU topology {name!r} ({error}); is libtpu installed? pip install 'jax[tpu]'"
+        ) from None
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """ "data=2,fsdp=4,tensor=1" -> {"data": 2, "fsdp": 4, "tensor": 1}; omitted axes keep the config's."""
+    sizes = {}
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        if name not in sharding.MESH_AXES:
+            raise ValueError(f"unknown mesh axis {name!r}; axes: {', '.join(sharding.MESH_AXES)}")
+        sizes[name] = int(value)
+    return sizes
+
+
+def abstract_batch(config: ml_collections.ConfigDict, schedule: schedules.Schedule) -> dict:
+    """The host batch's shapes for one schedule (what the input pipeline delivers)."""
+    b = config.train.batch_size
+    batch = {"image": jax.ShapeDtypeStruct((b, *schedule.pixel_size, 3), np.uint8)}
+    if config.model.cond == "text":
+        t = config.text.max_length
+        batch.update(tokens=jax.ShapeDtypeStruct((b, t), np.int32), text_mask=jax.ShapeDtypeStruct((b, t), bool))
+    else:
+        batch["label"] = jax.ShapeDtypeStruct((b,), np.int32)
+    return batch
+
+
+@dataclasses.dataclass
+class Report:
+    topology: str
+    device_kind: str
+    chips: int
+    mesh: dict[str, int]
+    schedule: str
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    hbm: int | None
+    compiler_flops: float | None
+    analytic_flops: float
+    largest: list[tuple[str, tuple[int, ...], str]]
+
+    @property
+    def total_bytes(self) -> int:
+        # Donated state is both an argument and an output: count it once.
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.hbm is None or self.total_bytes <= self.hbm
+
+    def step_seconds(self, mfu: float) -> float | None:
+        peak = flops.peak_flops(_Kind(self.device_kind))
+        return self.analytic_flops / (peak * self.chips * mfu) if peak else None
+
+    def lines(self, mfu: float) -> list[str]:
+        hbm = f"{self.hbm / GIB:.1f}" if self.hbm else "?"
+        lines = [
+            f"topology {self.topology} ({self.chips} × {self.device_kind}), mesh {self.mesh}, schedule {self.schedule}",
+            f"per-chip memory: arguments {self.argument_bytes / GIB:.2f} GiB, outputs {self.output_bytes / GIB:.2f} "
+            f"GiB (donated {self.alias_bytes / GIB:.2f}), temporaries {self.temp_bytes / GIB:.2f} GiB, "
+            f"total {self.total_bytes / GIB:.2f} of {hbm} GiB: {'fits' if self.fits else 'DOES NOT FIT'}",
+        ]
+        compiler = f"{self.compiler_flops:.3e}" if self.compiler_flops else "n/a"
+        lines.append(f"FLOPs per step: analytic {self.analytic_flops:.3e} (all chips), compiler {compiler} (per chip)")
+        seconds = self.step_seconds(mfu)
+        if seconds:
+            lines.append(f"predicted step time at {mfu:.0%} MFU: {seconds:.3f} s")
+        lines.append("largest arrays (per-chip shard shape):")
+        lines += [f"  {name} {shape} {spec}" for name, shape, spec in self.largest]
+        return lines
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    device_kind: str
+
+
+def _largest(abstract_state, count: int = 6) -> list[tuple[str, tuple[int, ...], str]]:
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+    leaves.sort(key=lambda item: -math.prod(item[1].shape))
+    out = []
+    for path, leaf in leaves[:count]:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        out.append((name, tuple(leaf.sharding.shard_shape(leaf.shape)), str(leaf.sharding.spec)))
+    return out
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices, mesh_sizes: dict[str, int], template: float):
+    """Lowers and compiles the train step for `devices`. Returns (compiled, Report)."""
+    mesh = sharding.make_mesh(**{**{k: config.mesh[k] for k in sharding.MESH_AXES}, **mesh_sizes}, devices=devices)
+    setup = trainer.build(config, mesh)
+    schedule = schedules.infinity_schedule(template, config.schedule.resolution)
+    frozen = frozen_towers.abstract(config, mesh, setup.step_config)
+    batch = abstract_batch(config, schedule)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding) for k, v in batch.items()}
+    jitted, fn = trainer.jit_step(setup, schedule, jax.tree.map(lambda x: x.sharding, frozen), batch)
+    with jax.set_mesh(mesh):
+        try:
+            compiled = jitted.lower(setup.abstract_state, frozen, batch).compile()
+        except jax.errors.JaxRuntimeError as error:
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            message = next((line for line in str(error).splitlines() if "RESOURCE_EXHAUSTED" in line), str(error))
+            raise DoesNotFit(f"{message.strip()} (mesh {dict(mesh.shape)})") from None
+        analytic = flops.count_flops(fn, setup.abstract_state, frozen, batch)
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    report = Report(
+        topology="",
+        device_kind=devices[0].device_kind,
+        chips=len(devices),
+        mesh=dict(mesh.shape),
+        schedule=schedule.name,
+        argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        hbm=hbm_bytes(devices[0]),
+        compiler_flops=(cost or {}).get("flops"),
+        analytic_flops=analytic,
+        largest=_largest(setup.abstract_state),
+    )
+    return compiled, report
+
+
+class DoesNotFit(Exception):
+    """The TPU compiler ran out of HBM (it refuses to compile a program that cannot fit)."""
+
+
+def advice(mesh: dict[str, int], chips: int, config: ml_collections.ConfigDict) -> str:
+    """What to change when the step does not fit."""
+    hints = []
+    if mesh["fsdp"] < chips // max(mesh["tensor"], 1):
+        hints.append("shard the weights over more chips (--mesh fsdp=<chips>, data=1)")
+    if config.model.remat != "nothing_saveable":
+        hints.append("rematerialise more (--config.model.remat=nothing_saveable)")
+    if config.train.grad_accum < config.train.batch_size:
+        hints.append("split the batch (--config.train.grad_accum=2 or more) or lower --config.train.batch_size")
+    hints.append("add tensor parallelism for wide layouts (--mesh tensor=4) or take a larger slice")
+    return "; ".join(hints)
+
+
+def main(config):
+    f = flags.FLAGS
+    if not f.topology:
+        raise SystemExit("error: --topology is required, e.g. --topology v5p:4x4x4")
+    try:
+        devices = topology_devices(f.topology)
+        mesh = parse_mesh(f.mesh)
+        _, report = compile_train_step(config, devices, mesh, f.template)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    except DoesNotFit as error:
+        print(f"DOES NOT FIT: {error}")
+        sizes = sharding.make_mesh(**{**{k: config.mesh[k] for k in sharding.MESH_AXES}, **mesh}, devices=devices).shape
+        raise SystemExit(
+            f"the train step does not fit {f.topology}: {advice(dict(sizes), len(devices), config)}"
+        ) from None
+    report.topology = f.topology
+    print("\n".join(report.lines(f.mfu)))
+    if not report.fits:
+        raise SystemExit(f"the train step does not fit {f.topology}: {advice(report.mesh, report.chips, config)}")
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8.")
+    flags.DEFINE_string("mesh", "", "Mesh axis sizes, e.g. data=1,fsdp=64,tensor=1 (default: the config's).")
+    flags.DEFINE_float("template", 1.0, "Aspect-ratio template (h/w) of the compiled batch shape.")
+    flags.DEFINE_float("mfu", 0.45, "MFU assumed for the predicted step time.")
+    cli.run(main)
