@@ -15,8 +15,10 @@ analytic count; the analytic count is the one used for time and MFU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -56,6 +58,11 @@ def parse_mesh(spec: str) -> dict[str, int]:
             raise ValueError(f"unknown mesh axis {name!r}; axes: {', '.join(sharding.MESH_AXES)}")
         sizes[name] = int(value)
     return sizes
+
+
+def slice_mesh(config: ml_collections.ConfigDict, devices, mesh_sizes: dict[str, int]) -> jax.sharding.Mesh:
+    """The config's mesh with `mesh_sizes` overriding some axes, over the slice's devices."""
+    return sharding.make_mesh(**{**{k: config.mesh[k] for k in sharding.MESH_AXES}, **mesh_sizes}, devices=devices)
 
 
 def abstract_batch(config: ml_collections.ConfigDict, schedule: schedules.Schedule) -> dict:
@@ -108,10 +115,10 @@ class Report:
             f"total {self.total_bytes / GIB:.2f} of {hbm} GiB: {'fits' if self.fits else 'DOES NOT FIT'}",
         ]
         compiler = f"{self.compiler_flops:.3e}" if self.compiler_flops else "n/a"
-        lines.append(f"FLOPs per step: analytic {self.analytic_flops:.3e} (all chips), compiler {compiler} (per chip)")
+        lines.append(f"FLOPs per call: analytic {self.analytic_flops:.3e} (all chips), compiler {compiler} (per chip)")
         seconds = self.step_seconds(mfu)
         if seconds:
-            lines.append(f"predicted step time at {mfu:.0%} MFU: {seconds:.3f} s")
+            lines.append(f"predicted time per call at {mfu:.0%} MFU: {seconds:.3f} s")
         lines.append("largest arrays (per-chip shard shape):")
         lines += [f"  {name} {shape} {spec}" for name, shape, spec in self.largest]
         return lines
@@ -134,7 +141,7 @@ def _largest(abstract_state, count: int = 6) -> list[tuple[str, tuple[int, ...],
 
 def compile_train_step(config: ml_collections.ConfigDict, devices, mesh_sizes: dict[str, int], template: float):
     """Lowers and compiles the train step for `devices`. Returns (compiled, Report)."""
-    mesh = sharding.make_mesh(**{**{k: config.mesh[k] for k in sharding.MESH_AXES}, **mesh_sizes}, devices=devices)
+    mesh = slice_mesh(config, devices, mesh_sizes)
     setup = trainer.build(config, mesh)
     schedule = schedules.infinity_schedule(template, config.schedule.resolution)
     frozen = frozen_towers.abstract(config, mesh, setup.step_config)
@@ -142,23 +149,65 @@ def compile_train_step(config: ml_collections.ConfigDict, devices, mesh_sizes: d
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding) for k, v in batch.items()}
     jitted, fn = trainer.jit_step(setup, schedule, jax.tree.map(lambda x: x.sharding, frozen), batch)
     with jax.set_mesh(mesh):
-        try:
-            compiled = jitted.lower(setup.abstract_state, frozen, batch).compile()
-        except jax.errors.JaxRuntimeError as error:
-            if "RESOURCE_EXHAUSTED" not in str(error):
-                raise
-            message = next((line for line in str(error).splitlines() if "RESOURCE_EXHAUSTED" in line), str(error))
-            raise DoesNotFit(f"{message.strip()} (mesh {dict(mesh.shape)})") from None
+        compiled = _compile(jitted, (setup.abstract_state, frozen, batch), mesh)
         analytic = flops.count_flops(fn, setup.abstract_state, frozen, batch)
+    return compiled, _report(compiled, devices, mesh, schedule.name, analytic, setup)
+
+
+def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: dict[str, int], template: float,
+                       batch: int = 1, text_tokens: int = 32):  # fmt: skip
+    """Lowers and compiles one guided generation (all scales, then the tokenizer's decode) for `devices`, with the
+    transformer's parameters sharded by the config's rules. Returns (compiled, Report)."""
+    from infinity_jax.generate import _generate, _Static
+    from infinity_jax.models.transformer import Infinity
+
+    mesh = slice_mesh(config, devices, mesh_sizes)
+    setup = trainer.build(config, mesh)
+    model_config = setup.step_config.model
+    schedule = schedules.infinity_schedule(template, config.schedule.resolution)
+    frozen = frozen_towers.abstract(config, mesh, setup.step_config)
+    static = _Static(model_config, schedule, batch, True, 0, config.tokenizer.patchify, 0, False)
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+
+    rows, k = 2 * batch, schedule.num_scales
+    if model_config.cond == "text":
+        cond = (spec((rows, text_tokens, model_config.text_dim), np.float32), spec((rows, text_tokens), bool), None)
+    else:
+        cond = (None, None, spec((rows,), np.int32))
+    args = (setup.abstract_state.params, spec((), jax.random.key(0).dtype), *cond, spec((rows,), bool),
+            spec((k,), np.float32), spec((k,), np.float32), spec((), np.int32), spec((), np.float32), (),
+            frozen.tokenizer)  # fmt: skip
+    Infinity(model_config).check_schedule(schedule)
+    fn = functools.partial(_generate, static=static)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(setup.step_config.rules):
+        compiled = _compile(jax.jit(fn), args, mesh)
+        analytic = flops.count_flops(fn, *args)
+    return compiled, _report(compiled, devices, mesh, f"generate {schedule.name} batch {batch}", analytic, setup)
+
+
+def _compile(jitted, args, mesh):
+    try:
+        return jitted.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        message = next((line for line in str(error).splitlines() if "RESOURCE_EXHAUSTED" in line), str(error))
+        raise DoesNotFit(f"{message.strip()} (mesh {dict(mesh.shape)})") from None
+
+
+def _report(compiled, devices, mesh, what: str, analytic: float, setup) -> Report:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    report = Report(
+    return Report(
         topology="",
         device_kind=devices[0].device_kind,
         chips=len(devices),
         mesh=dict(mesh.shape),
-        schedule=schedule.name,
+        schedule=what,
         argument_bytes=memory.argument_size_in_bytes,
         output_bytes=memory.output_size_in_bytes,
         alias_bytes=memory.alias_size_in_bytes,
@@ -168,7 +217,6 @@ def compile_train_step(config: ml_collections.ConfigDict, devices, mesh_sizes: d
         analytic_flops=analytic,
         largest=_largest(setup.abstract_state),
     )
-    return compiled, report
 
 
 class DoesNotFit(Exception):
@@ -195,12 +243,13 @@ def main(config):
     try:
         devices = topology_devices(f.topology)
         mesh = parse_mesh(f.mesh)
-        _, report = compile_train_step(config, devices, mesh, f.template)
+        compile_fn = compile_generation if f.generate else compile_train_step
+        _, report = compile_fn(config, devices, mesh, f.template)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     except DoesNotFit as error:
         print(f"DOES NOT FIT: {error}")
-        sizes = sharding.make_mesh(**{**{k: config.mesh[k] for k in sharding.MESH_AXES}, **mesh}, devices=devices).shape
+        sizes = slice_mesh(config, devices, mesh).shape
         raise SystemExit(
             f"the train step does not fit {f.topology}: {advice(dict(sizes), len(devices), config)}"
         ) from None
@@ -215,4 +264,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("mesh", "", "Mesh axis sizes, e.g. data=1,fsdp=64,tensor=1 (default: the config's).")
     flags.DEFINE_float("template", 1.0, "Aspect-ratio template (h/w) of the compiled batch shape.")
     flags.DEFINE_float("mfu", 0.45, "MFU assumed for the predicted step time.")
+    flags.DEFINE_bool("generate", False, "Compile one guided generation (batch 1, 32 text tokens) instead.")
     cli.run(main)

@@ -12,6 +12,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_opt
 # CPU only, also on a TPU VM or GPU host and with libtpu installed (tests/test_aot.py compiles for TPU
 # topologies explicitly, which works without a TPU backend).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiling for TPU topologies loads libtpu, which by default allows one process per host; compile-only use is
+# safe to share (subprocess tests, or another test run on the same machine).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 
