@@ -1,0 +1,83 @@
+"""The TPU fit table: for each size and resolution, the smallest slice of each chip kind whose train step fits.
+
+Run from the repository root on any CPU host with libtpu (`pip install -e ".[tpu]"` or the test extra): every entry is a real ahead-of-time
+compile of the train step (`infinity_jax.aot`), from shapes only. Slices are tried smallest first; on each, pure
+FSDP over all chips, then FSDP with 4-way tensor parallelism. The global batch is `--per_chip` images per chip.
+
+    python benchmarks/aot_table.py --sizes 125m,1b,2b,8b,20b --res 0.06M,1M --chips v5p,v5e,v6e --out docs/tpu.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+from infinity_jax import aot
+from infinity_jax.cli import load_config_file
+
+SLICES = {
+    "v5p": ["v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8", "v5p:4x8x8"],
+    "v5e": ["v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:4x8", "v5e:8x8", "v5e:8x16", "v5e:16x16"],
+    "v6e": ["v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:4x8", "v6e:8x8", "v6e:8x16", "v6e:16x16"],
+}
+
+
+def smallest_fit(size: str, res: str, chip: str, per_chip: float, mfu: float):
+    for topology in SLICES[chip]:
+        devices = aot.topology_devices(topology)
+        chips = len(devices)
+        batch = max(int(per_chip * chips), 1)
+        config = load_config_file(f"configs/infinity.py:size={size},res={res},batch={batch}")
+        meshes = [{"data": 1, "fsdp": chips, "tensor": 1}]
+        if chips >= 8:
+            meshes.append({"data": 1, "fsdp": chips // 4, "tensor": 4})
+        for mesh in meshes:
+            try:
+                _, report = aot.compile_train_step(config, devices, mesh, 1.0)
+            except aot.DoesNotFit:
+                continue
+            if report.fits:
+                report.topology = topology
+                return report, batch, config.model.remat, report.step_seconds(mfu)
+    return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="125m,1b,2b,8b,20b")
+    parser.add_argument("--res", default="0.06M,1M")
+    parser.add_argument("--chips", default="v5p,v5e,v6e")
+    parser.add_argument("--per_chip", type=float, default=1.0, help="images per chip in the global batch")
+    parser.add_argument("--mfu", type=float, default=0.45)
+    parser.add_argument("--out", default=None, help="append the table (markdown) to this file")
+    args = parser.parse_args()
+    lines = [
+        f"### Smallest TPU slices whose train step fits ({datetime.date.today().isoformat()})",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`; {args.per_chip:g} image(s) per chip, predicted time at "
+        f"{args.mfu:.0%} MFU from the analytic FLOPs.",
+        "",
+        "| size | res | chip | slice | mesh (data, fsdp, tensor) | batch | remat | GiB per chip (of HBM) | step s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for size in args.sizes.split(","):
+        for res in args.res.split(","):
+            for chip in args.chips.split(","):
+                found = smallest_fit(size, res, chip, args.per_chip, args.mfu)
+                if found is None:
+                    lines.append(f"| {size} | {res} | {chip} | none up to {SLICES[chip][-1]} | | | | | |")
+                else:
+                    report, batch, remat, seconds = found
+                    mesh = ", ".join(str(v) for v in report.mesh.values())
+                    memory = f"{report.total_bytes / aot.GIB:.1f} ({report.hbm / aot.GIB:.0f})"
+                    lines.append(f"| {size} | {res} | {chip} | {report.topology} | {mesh} | {batch} | {remat} | "
+                                 f"{memory} | {seconds:.3f} |")  # fmt: skip
+                print(lines[-1], flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
