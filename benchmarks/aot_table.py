@@ -61,22 +61,30 @@ def main():
         "| size | res | chip | slice | mesh (data, fsdp, tensor) | batch | remat | GiB per chip (of HBM) | step s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    # Each row is written as soon as it is known: a long sweep that is stopped keeps what it found.
+    out = open(args.out, "a") if args.out else None
+    emit(lines, out, new=True)
     for size in args.sizes.split(","):
         for res in args.res.split(","):
             for chip in args.chips.split(","):
                 found = smallest_fit(size, res, chip, args.per_chip, args.mfu)
                 if found is None:
-                    lines.append(f"| {size} | {res} | {chip} | none up to {SLICES[chip][-1]} | | | | | |")
-                else:
-                    report, batch, remat, seconds = found
-                    mesh = ", ".join(str(v) for v in report.mesh.values())
-                    memory = f"{report.total_bytes / aot.GIB:.1f} ({report.hbm / aot.GIB:.0f})"
-                    lines.append(f"| {size} | {res} | {chip} | {report.topology} | {mesh} | {batch} | {remat} | "
-                                 f"{memory} | {seconds:.3f} |")  # fmt: skip
-                print(lines[-1], flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + "\n".join(lines) + "\n")
+                    emit([f"| {size} | {res} | {chip} | none up to {SLICES[chip][-1]} | | | | | |"], out)
+                    continue
+                report, batch, remat, seconds = found
+                mesh = ", ".join(str(v) for v in report.mesh.values())
+                memory = f"{report.total_bytes / aot.GIB:.1f} ({report.hbm / aot.GIB:.0f})"
+                emit([f"| {size} | {res} | {chip} | {report.topology} | {mesh} | {batch} | {remat} | {memory} | "
+                      f"{seconds:.3f} |"], out)  # fmt: skip
+    if out:
+        out.close()
+
+
+def emit(lines: list[str], out, new: bool = False) -> None:
+    print("\n".join(lines), flush=True)
+    if out:
+        out.write(("\n" if new else "") + "\n".join(lines) + "\n")
+        out.flush()
 
 
 if __name__ == "__main__":
