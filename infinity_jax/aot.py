@@ -89,6 +89,7 @@ class Report:
     alias_bytes: int
     temp_bytes: int
     hbm: int | None
+    peak_flops: float | None  # per chip, bf16
     compiler_flops: float | None
     analytic_flops: float
     largest: list[tuple[str, tuple[int, ...], str]]
@@ -103,8 +104,7 @@ class Report:
         return self.hbm is None or self.total_bytes <= self.hbm
 
     def step_seconds(self, mfu: float) -> float | None:
-        peak = flops.peak_flops(_Kind(self.device_kind))
-        return self.analytic_flops / (peak * self.chips * mfu) if peak else None
+        return self.analytic_flops / (self.peak_flops * self.chips * mfu) if self.peak_flops else None
 
     def lines(self, mfu: float) -> list[str]:
         hbm = f"{self.hbm / GIB:.1f}" if self.hbm else "?"
@@ -122,11 +122,6 @@ class Report:
         lines.append("largest arrays (per-chip shard shape):")
         lines += [f"  {name} {shape} {spec}" for name, shape, spec in self.largest]
         return lines
-
-
-@dataclasses.dataclass(frozen=True)
-class _Kind:
-    device_kind: str
 
 
 def _largest(abstract_state, count: int = 6) -> list[tuple[str, tuple[int, ...], str]]:
@@ -213,6 +208,7 @@ def _report(compiled, devices, mesh, what: str, analytic: float, setup) -> Repor
         alias_bytes=memory.alias_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes,
         hbm=hbm_bytes(devices[0]),
+        peak_flops=flops.peak_flops(devices[0]),
         compiler_flops=(cost or {}).get("flops"),
         analytic_flops=analytic,
         largest=_largest(setup.abstract_state),

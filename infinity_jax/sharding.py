@@ -67,3 +67,13 @@ def logical_shardings(tree, mesh: jax.sharding.Mesh, rules):
     Leaves without logical names are replicated.
     """
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(tree), mesh, rules)
+
+
+def abstract_arrays(boxed, mesh: jax.sharding.Mesh, rules, dtype=None):
+    """ShapeDtypeStructs (unboxed) carrying the NamedShardings `rules` give a logically partitioned abstract tree
+    (e.g. `jax.eval_shape` of an init): the target of a sharded init, restore or ahead-of-time compile.
+    `dtype` overrides every leaf's dtype."""
+    shardings = logical_shardings(boxed, mesh, rules)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s), nn.unbox(boxed), shardings
+    )

@@ -22,72 +22,78 @@ from infinity_jax.train import checkpoint
 from infinity_jax.train.step import Frozen
 
 
-def _place(params, module: nn.Module, inputs, mesh, rules):
-    """Host arrays -> device arrays laid out by the module's logical axis names under `rules`."""
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    boxed = jax.eval_shape(lambda key: module.init(key, *inputs)["params"], jax.random.key(0))
-    return jax.device_put(params, sharding.logical_shardings(boxed, mesh, rules))
-
-
-def load_tokenizer(config: ml_collections.ConfigDict, mesh, rules) -> Tokenizer:
-    """The frozen tokenizer: "random", an official .pth/.safetensors, or a params-only checkpoint folder."""
+def _tokenizer_init(config: ml_collections.ConfigDict):
+    """(layout, init: key -> boxed params) of the configured tokenizer."""
     layout = config_lib.tokenizer_layout(config.tokenizer)
-    where = config.tokenizer.checkpoint
-    dtype = jax.numpy.dtype(config.tokenizer.dtype)
-    if not where:
-        raise ValueError(
-            "set tokenizer.checkpoint: an official infinity_vae_*.pth, a params checkpoint folder, "
-            "or 'random' (untrained weights, for smoke runs only)"
-        )
     module = Tokenizer(params=None, config=layout).module
     pixels = jax.numpy.zeros((1, layout.stride, layout.stride, 3))
-    params = _frozen_params(where, lambda key: module.init(key, pixels)["params"], config.seed, mesh, rules)
-    if params is None:
-        params = _place(convert_tokenizer.load_official(where, layout), module, pixels, mesh, rules)
-    return Tokenizer(params=params, config=layout, dtype=dtype)
+    return layout, lambda key: module.init(key, pixels)["params"]
+
+
+def _text_init(config: ml_collections.ConfigDict):
+    """(layout, init: key -> boxed params) of the configured T5 encoder."""
+    layout = get_t5_layout(config.text.layout)
+    tokens = jax.numpy.zeros((1, 2), jax.numpy.int32)
+    return layout, lambda key: T5Encoder(layout).init(key, tokens, tokens > 0)["params"]
+
+
+def _abstract(init, mesh, rules, dtype=None):
+    """The params `init` makes, as ShapeDtypeStructs laid out by `rules` (in `dtype` if given)."""
+    return sharding.abstract_arrays(jax.eval_shape(init, jax.random.key(0)), mesh, rules, dtype)
+
+
+def _shardings(abstract):
+    return jax.tree.map(lambda x: x.sharding, abstract)
 
 
 def _frozen_params(where: str, init, seed: int, mesh, rules, dtype=jax.numpy.float32):
     """Random ("random") or params-checkpoint (a folder) weights in `dtype`, placed by `rules`; None for other
     sources."""
-    boxed = jax.eval_shape(init, jax.random.key(0))
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = _abstract(init, mesh, rules, dtype)
     if where == "random":
         cast = jax.jit(
-            lambda key: jax.tree.map(lambda x: x.astype(dtype), nn.unbox(init(key))), out_shardings=shardings
+            lambda key: jax.tree.map(lambda x: x.astype(dtype), nn.unbox(init(key))), out_shardings=_shardings(abstract)
         )
         return cast(jax.random.key(seed))
     if os.path.isdir(where) and os.path.isdir(os.path.join(where, "params")):
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s), nn.unbox(boxed), shardings
-        )
         return checkpoint.load_params(where, abstract)
     return None
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, mesh, rules) -> Tokenizer:
+    """The frozen tokenizer: "random", an official .pth/.safetensors, or a params-only checkpoint folder."""
+    where = config.tokenizer.checkpoint
+    if not where:
+        raise ValueError(
+            "set tokenizer.checkpoint: an official infinity_vae_*.pth, a params checkpoint folder, "
+            "or 'random' (untrained weights, for smoke runs only)"
+        )
+    layout, init = _tokenizer_init(config)
+    params = _frozen_params(where, init, config.seed, mesh, rules)
+    if params is None:
+        params = jax.device_put(
+            convert_tokenizer.load_official(where, layout), _shardings(_abstract(init, mesh, rules))
+        )
+    return Tokenizer(params=params, config=layout, dtype=jax.numpy.dtype(config.tokenizer.dtype))
 
 
 def load_text_encoder(config: ml_collections.ConfigDict, mesh, rules):
     """The frozen T5 encoder's params: "random" (of `text.layout`), a params checkpoint, or a Hugging Face folder."""
     from infinity_jax.convert import t5 as convert_t5
 
-    layout = get_t5_layout(config.text.layout)
     where = config.text.checkpoint
     if not where:
         raise ValueError("set text.checkpoint: a Hugging Face T5 folder (e.g. flan-t5-xl) or 'random'")
+    layout, init = _text_init(config)
     if layout.d_model != config.model.text_dim:
         raise ValueError(f"T5 width {layout.d_model} != model.text_dim {config.model.text_dim}")
-    tokens = jax.numpy.zeros((1, 2), jax.numpy.int32)
-    module = T5Encoder(layout)
     dtype = jax.numpy.dtype(config.text.dtype)
-
-    def init(key):
-        return module.init(key, tokens, tokens > 0)["params"]
-
     params = _frozen_params(where, init, config.seed + 1, mesh, rules, dtype)
     if params is None:
         params, found = convert_t5.load_pretrained(where, dtype)
         if found != layout:
             raise ValueError(f"the T5 in {where} is {found}, but text.layout={config.text.layout!r} is {layout}")
-        params = _place(params, module, (tokens, tokens > 0), mesh, rules)
+        params = jax.device_put(params, _shardings(_abstract(init, mesh, rules)))
     return params
 
 
@@ -109,26 +115,12 @@ def load(config: ml_collections.ConfigDict, mesh, step_config) -> Frozen:
 
 def abstract(config: ml_collections.ConfigDict, mesh, step_config) -> Frozen:
     """The towers as ShapeDtypeStructs with their shardings (ahead-of-time compilation; nothing is loaded)."""
-    layout = config_lib.tokenizer_layout(config.tokenizer)
-    module = Tokenizer(params=None, config=layout).module
-    pixels = jax.numpy.zeros((1, layout.stride, layout.stride, 3))
-    tokenizer = Tokenizer(
-        params=_abstract(lambda key: module.init(key, pixels)["params"], mesh, step_config.tokenizer_rules),
-        config=layout,
-        dtype=jax.numpy.dtype(config.tokenizer.dtype),
-    )
+    layout, init = _tokenizer_init(config)
+    params = _abstract(init, mesh, step_config.tokenizer_rules)
+    tokenizer = Tokenizer(params=params, config=layout, dtype=jax.numpy.dtype(config.tokenizer.dtype))
     if step_config.model.cond != "text":
         return Frozen(tokenizer=tokenizer)
-    tokens = jax.numpy.zeros((1, 2), jax.numpy.int32)
-    t5 = T5Encoder(get_t5_layout(config.text.layout))
-    text = _abstract(lambda key: t5.init(key, tokens, tokens > 0)["params"], mesh, step_config.text_rules,
-                     jax.numpy.dtype(config.text.dtype))  # fmt: skip
-    return Frozen(tokenizer=tokenizer, text=text)
-
-
-def _abstract(init, mesh, rules, dtype=None):
-    boxed = jax.eval_shape(init, jax.random.key(0))
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s), nn.unbox(boxed), shardings
+    _, init = _text_init(config)
+    return Frozen(
+        tokenizer=tokenizer, text=_abstract(init, mesh, step_config.text_rules, jax.numpy.dtype(config.text.dtype))
     )

@@ -92,12 +92,11 @@ def make_targets(step_config: StepConfig, frozen: Frozen, batch: dict, schedule:
             latent = frozen.tokenizer.encode(pixels)
         latent_schedule = frozen.tokenizer.latent_schedule(schedule)
     latent = jax.lax.stop_gradient(latent)
-    strength = step_config.bsc_strength
     return quantizer.bitwise_self_correction(
         latent,
         latent_schedule,
         key,
-        strength=strength,
+        strength=step_config.bsc_strength,
         num_flip_scales=step_config.bsc_num_flip_scales,
         requant=step_config.bsc_requant,
         patchify=step_config.patchify,

@@ -157,11 +157,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
     # Parameters do not depend on the schedule: any template gives the same shapes.
     init_schedule = schedules.infinity_schedule(config_lib.templates(config)[0], config.schedule.resolution)
     init_fn = functools.partial(init_state, sc, optimizer, init_schedule)
-    boxed = jax.eval_shape(init_fn, jax.random.key(0))
-    state_shardings = sharding.logical_shardings(boxed, mesh, sc.rules)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), state_shardings
-    )
+    abstract = sharding.abstract_arrays(jax.eval_shape(init_fn, jax.random.key(0)), mesh, sc.rules)
+    state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     return Setup(sc, optimizer, learning_rate, init_fn, state_shardings, abstract, batch_sharding)
 
