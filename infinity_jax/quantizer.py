@@ -157,7 +157,9 @@ def split_scales(tokens: jax.Array, schedule: Schedule) -> tuple[jax.Array, ...]
     )
 
 
-def multiscale_quantize(z: jax.Array, schedule: Schedule, kind: str = "bsq") -> MultiScaleQuantized:
+def multiscale_quantize(
+    z: jax.Array, schedule: Schedule, kind: str = "bsq", flips: Sequence[jax.Array | None] | None = None
+) -> MultiScaleQuantized:
     """Residual quantization of a latent over a schedule (the tokenizer path, REFERENCE §2.5).
 
     For each scale: quantize the area-downsampled residual, upsample its codes bilinearly to the latent grid,
@@ -167,15 +169,26 @@ def multiscale_quantize(z: jax.Array, schedule: Schedule, kind: str = "bsq") -> 
       z: [B, H, W, d] latent (encoder output).
       schedule: scales no larger than (H, W); a scale equal to (H, W) is quantized without resizing.
       kind: "bsq" or "lfq".
+      flips: for tokenizer training, one entry per scale: None, or a bool [B, h_k, w_k, d] mask of bits whose
+        codes are negated before they enter the residual and the decoder input, so that the decoder learns to
+        decode the sums that a transformer's wrong bits produce. Gradients still pass straight through.
+        `bits` and `scales` stay the unflipped quantization.
     """
     _, height, width, _ = _check_latent(z)
     scales = _check_schedule(schedule, (height, width), exact=False)
+    flips = [None] * len(scales) if flips is None else list(flips)
+    if len(flips) != len(scales):
+        raise ValueError(f"need one flip mask (or None) per scale: {len(scales)} scales, {len(flips)} masks")
     residual = z.astype(jnp.float32)
     latent = jnp.zeros_like(residual)
     per_scale = []
-    for h, w in scales:
+    for (h, w), flip in zip(scales, flips, strict=True):
         q = quantize(area_resize(residual, (h, w)), kind)
-        upsampled = bilinear_resize(q.codes, (height, width))
+        codes = q.codes
+        if flip is not None:
+            flipped = bits_to_codes(q.bits ^ flip.astype(jnp.int32), kind)
+            codes = q.unit + jax.lax.stop_gradient(flipped - q.unit)
+        upsampled = bilinear_resize(codes, (height, width))
         residual = residual - jax.lax.stop_gradient(upsampled)
         latent = latent + upsampled
         per_scale.append(q)

@@ -12,6 +12,14 @@ import os
 import numpy as np
 
 
+def tokenizer_path(config) -> str:
+    """Where a config's T5 tokenizer is: `text.tokenizer`, else the T5 checkpoint folder."""
+    path = config.text.tokenizer or config.text.checkpoint
+    if not path or path == "random":
+        raise ValueError("set text.tokenizer: a Hugging Face model folder or a T5 tokenizer.json")
+    return path
+
+
 def load_text_tokenizer(path: str):
     """A Hugging Face tokenizer from a model folder (as downloaded, e.g. google/flan-t5-xl) or a tokenizer.json."""
     from transformers import AutoTokenizer, T5TokenizerFast

@@ -17,7 +17,8 @@ from infinity_jax import schedules
 from infinity_jax.cli import load_config_file
 from infinity_jax.models.transformer import Infinity
 from infinity_jax.train import checkpoint, losses, optim
-from infinity_jax.train.trainer import NonFiniteLossError, train, transformer_config
+from infinity_jax.train.loop import NonFiniteLossError
+from infinity_jax.train.trainer import train, transformer_config
 
 SET = "tests/assets/emoji3d/set/metadata.jsonl"
 TOKENIZER = "tests/assets/t5_tokenizer/tokenizer.json"

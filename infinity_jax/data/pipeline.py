@@ -91,7 +91,7 @@ class Preprocess(grain.transforms.RandomMap):
     """Raw record -> model inputs of one template; an unusable record becomes {"id", "error"}.
 
     cond: "text" (pick the short caption with probability `short_caption_prob`, else the long one when present,
-    then T5-tokenize to `max_length`) or "class" (the record's `label`).
+    then T5-tokenize to `max_length`), "class" (the record's `label`) or "none" (images only: tokenizer training).
     Records written by `data.precompute` carry the tokenizer's latent (`latent`, checked against `latent_grid`) and
     T5 features of their captions (`text_features`, `long_text_features`: the caption's rows only) instead of
     an image and captions; the example then holds `latent` [h, w, d] and `text` [max_length, Ct5] + `text_mask`.
@@ -120,6 +120,8 @@ class Preprocess(grain.transforms.RandomMap):
             return {"id": np.int64(raw["id"]), "error": f"{_describe(raw)}: {error}"}
 
     def _condition(self, raw: dict, rng: np.random.Generator) -> dict:
+        if self.cond == "none":
+            return {}
         if self.cond == "class":
             if raw.get("label") is None:
                 raise BadRecord("no label")

@@ -28,7 +28,7 @@ from infinity_jax import cli, schedules, sharding
 from infinity_jax import config as config_lib
 from infinity_jax.data import pipeline, sources
 from infinity_jax.models.t5 import T5Encoder, get_t5_layout
-from infinity_jax.text import load_text_tokenizer, tokenize
+from infinity_jax.text import load_text_tokenizer, tokenize, tokenizer_path
 from infinity_jax.train import frozen
 
 _log = logging.getLogger("infinity_jax.data")
@@ -48,7 +48,7 @@ def precompute(config: ml_collections.ConfigDict, out: str, batch_size: int = 32
     text = config.model.cond == "text"
     if text:
         t5_params = frozen.load_text_encoder(config, mesh, ())
-        t5, t5_tokenizer = _text_encoder(config), load_text_tokenizer(frozen.text_tokenizer_path(config))
+        t5, t5_tokenizer = _text_encoder(config), load_text_tokenizer(tokenizer_path(config))
     # bf16 features fit float16 exactly (same range here, more mantissa); float32 features stay float32.
     feature_dtype = np.float16 if text and config.text.dtype == "bfloat16" else np.float32
     encode = jax.jit(type(tokenizer).encode)

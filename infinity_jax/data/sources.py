@@ -152,6 +152,37 @@ class ArrayRecordSource:
         return {**record, "id": int(index)}
 
 
+class Subset:
+    """The records of `source` at `indices`; records keep their ids in the full source."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+        self.h_div_w = source.h_div_w[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.source[int(self.indices[index])]
+
+
+def split_holdout(source, every: int):
+    """(train, held_out): every `every`-th record (ids 0, every, 2·every, …) is held out; every ≤ 0 holds out none.
+
+    A fixed rule of the record's position, so that the split is the same on every process, on every resume and
+    for every model trained on the source.
+    """
+    if every <= 0:
+        return source, None
+    if every == 1 or len(source) < 2 * every:
+        raise ValueError(
+            f"data.holdout_every={every} leaves no training data or no held-out data ({len(source)} records)"
+        )
+    ids = np.arange(len(source))
+    held = ids % every == 0
+    return Subset(source, ids[~held]), Subset(source, ids[held])
+
+
 def make_source(data):
     """The source named by the `data` config section (`data.source` is one of DATA_SOURCES)."""
     if data.source == "jsonl":

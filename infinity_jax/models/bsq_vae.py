@@ -248,7 +248,11 @@ class BSQVAE(nn.Module):
 
     def decode(self, latent):
         """latent [B, h, w, d] -> images [B, h·stride, w·stride, 3] clamped to [-1, 1]."""
-        return jnp.clip(self.decoder(latent), -1.0, 1.0)
+        return jnp.clip(self.decode_unclamped(latent), -1.0, 1.0)
+
+    def decode_unclamped(self, latent):
+        """The decoder's raw output, for training losses: a clamp would stop the gradient of out-of-range pixels."""
+        return self.decoder(latent)
 
     def __call__(self, images):
         return self.decode(self.encode(images))

@@ -60,6 +60,14 @@ def _frozen_params(where: str, init, seed: int, mesh, rules, dtype=jax.numpy.flo
     return None
 
 
+def tokenizer_params(where: str, layout, abstract):
+    """Tokenizer parameters from a params checkpoint folder or an official .pth/.safetensors, placed as `abstract`
+    (ShapeDtypeStructs with shardings). Mismatching checkpoints fail naming every missing and unexpected key."""
+    if os.path.isdir(os.path.join(where, "params")):
+        return checkpoint.load_params(where, abstract)
+    return jax.device_put(convert_tokenizer.load_official(where, layout), _shardings(abstract))
+
+
 def load_tokenizer(config: ml_collections.ConfigDict, mesh, rules) -> Tokenizer:
     """The frozen tokenizer: "random", an official .pth/.safetensors, or a params-only checkpoint folder."""
     where = config.tokenizer.checkpoint
@@ -69,11 +77,10 @@ def load_tokenizer(config: ml_collections.ConfigDict, mesh, rules) -> Tokenizer:
             "or 'random' (untrained weights, for smoke runs only)"
         )
     layout, init = _tokenizer_init(config)
-    params = _frozen_params(where, init, config.seed, mesh, rules)
-    if params is None:
-        params = jax.device_put(
-            convert_tokenizer.load_official(where, layout), _shardings(_abstract(init, mesh, rules))
-        )
+    if where == "random":
+        params = _frozen_params(where, init, config.seed, mesh, rules)
+    else:
+        params = tokenizer_params(where, layout, _abstract(init, mesh, rules))
     return Tokenizer(params=params, config=layout, dtype=jax.numpy.dtype(config.tokenizer.dtype))
 
 
@@ -95,13 +102,6 @@ def load_text_encoder(config: ml_collections.ConfigDict, mesh, rules):
             raise ValueError(f"the T5 in {where} is {found}, but text.layout={config.text.layout!r} is {layout}")
         params = jax.device_put(params, _shardings(_abstract(init, mesh, rules)))
     return params
-
-
-def text_tokenizer_path(config: ml_collections.ConfigDict) -> str:
-    path = config.text.tokenizer or config.text.checkpoint
-    if not path or path == "random":
-        raise ValueError("set text.tokenizer: a Hugging Face model folder or a T5 tokenizer.json")
-    return path
 
 
 def load(config: ml_collections.ConfigDict, mesh, step_config) -> Frozen:

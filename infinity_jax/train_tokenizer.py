@@ -1,0 +1,29 @@
+"""`python -m infinity_jax.train_tokenizer --config configs/tokenizer.py:<args> --workdir DIR [--config.a.b=v …]`.
+
+Trains a BSQ-VAE tokenizer on the shared trainer; rerunning the same command resumes from the newest checkpoint
+in DIR. The evaluated weights are written to DIR/tokenizer (a params checkpoint for `tokenizer.checkpoint`).
+"""
+
+from absl import flags, logging
+
+from infinity_jax import cli
+from infinity_jax.train.vae import train
+
+WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl, TensorBoard and samples.")
+
+
+def main(config):
+    if config.get("task") != "tokenizer":
+        raise SystemExit("error: this trains tokenizers; use a tokenizer config such as configs/tokenizer.py")
+    if not WORKDIR.value:
+        raise SystemExit("error: --workdir is required")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    train(config, WORKDIR.value)
+
+
+def console_main():
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    console_main()
