@@ -120,7 +120,7 @@ def _compiled(static: _Static):
     return jax.jit(functools.partial(_generate, static=static))
 
 
-def _per_scale(name: str, value, num_scales: int) -> jax.Array:
+def per_scale(name: str, value, num_scales: int) -> jax.Array:
     values = np.atleast_1d(np.asarray(value, np.float32))
     if values.ndim != 1 or values.size not in (1, num_scales):
         raise ValueError(f"{name} must be a number or a list of {num_scales} values (one per scale), got {value!r}")
@@ -165,15 +165,15 @@ def generate(
       return_logits: also return each scale's logits.
     """
     Infinity(config).check_schedule(schedule)
-    text, text_mask, labels = _check_conditioning(config, text, text_mask, labels)
+    text, text_mask, labels = check_conditioning(config, text, text_mask, labels)
     if tokenizer is not None:
         if tokenizer.config.token_bits != config.bits:
             raise ValueError(
                 f"tokenizer gives {tokenizer.config.token_bits} bits per token, the model predicts {config.bits}"
             )
         patchify = tokenizer.config.patchify
-    cfg_values = _per_scale("cfg", cfg, schedule.num_scales)
-    tau_values = _per_scale("tau", tau, schedule.num_scales)
+    cfg_values = per_scale("cfg", cfg, schedule.num_scales)
+    tau_values = per_scale("tau", tau, schedule.num_scales)
     guided = bool(np.any(np.asarray(cfg_values) != 1.0))  # as the official sampler: no cfg, no uncond branch
     if not -config.depth < cfg_layer <= 0:
         raise ValueError(f"cfg_layer must be 0 (guidance on logits) or in [-{config.depth - 1}, -1], got {cfg_layer}")
@@ -182,7 +182,7 @@ def generate(
     if guided and negative_text is not None:
         if config.cond != "text":
             raise ValueError("negative prompts need a text-conditional model")
-        negative_text, negative_mask, _ = _check_conditioning(config, negative_text, negative_mask, None)
+        negative_text, negative_mask, _ = check_conditioning(config, negative_text, negative_mask, None)
         if negative_text.shape[0] != batch:
             raise ValueError(f"negative prompts: {negative_text.shape[0]} rows for a batch of {batch}")
         length = max(text.shape[1], negative_text.shape[1])
@@ -213,7 +213,7 @@ def _pad_to(x, length):
     return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
-def _check_conditioning(config: TransformerConfig, text, text_mask, labels):
+def check_conditioning(config: TransformerConfig, text, text_mask, labels):
     if config.cond == "text":
         if text is None or text_mask is None:
             raise ValueError("a text-conditional model needs text features [B, T, Ct5] and a text mask [B, T]")

@@ -1,5 +1,6 @@
 """The Flax T5 encoder against transformers' PyTorch T5EncoderModel, through our Hugging Face folder loader."""
 
+import flax.linen as nn
 import numpy as np
 import pytest
 
@@ -71,3 +72,40 @@ def test_tokenize_pads_and_truncates():
     assert tokens.shape == (2, 16) and tokens.dtype == np.int32
     assert tokens[0, :8].tolist() == [3, 9, 1202, 13, 3, 9, 1712, 1] and mask[0].sum() == 8
     assert (tokens[0, 8:] == 0).all() and mask[1].all() and tokens[1, -1] == 1  # EOS kept on truncation
+
+
+def test_sharded_and_bfloat16_encoders_agree_with_the_plain_one(tmp_path):
+    """Batch over all 8 devices (the trainer's default text rules), also with heads and FFN split over a tensor axis;
+    bf16 weights and compute stay close to float32 (the frozen encoder runs in bf16 by default)."""
+    import jax
+    import jax.numpy as jnp
+
+    from infinity_jax import sharding
+
+    folder, _ = _hf_folder(tmp_path, "gated-gelu", False)
+    params, config = convert_t5.load_pretrained(folder)
+    tokens, mask = tokenize(load_text_tokenizer(TOKENIZER), CAPTIONS * 3 + ["x"] * 7, max_length=16)
+    plain = np.asarray(T5Encoder(config).apply({"params": params}, tokens, mask))
+    layouts = {
+        (8, 1, 1): sharding.TOKENIZER_RULES,
+        (2, 2, 2): (("act_batch", ("data", "fsdp")), ("t5_heads", "tensor"), ("t5_mlp", "tensor")),
+    }
+    for (data, fsdp, tensor), rules in layouts.items():
+        mesh = sharding.make_mesh(data, fsdp, tensor)
+        init = lambda key: T5Encoder(config).init(key, tokens[:1], mask[:1])["params"]  # noqa: E731
+        abstract = sharding.abstract_arrays(jax.eval_shape(init, jax.random.key(0)), mesh, rules)
+        placed = jax.device_put(params, jax.tree.map(lambda x: x.sharding, abstract))
+        batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+        def encode(p, t, m, rules=rules):
+            with nn.logical_axis_rules(rules):
+                return T5Encoder(config).apply({"params": p}, t, m)
+
+        with jax.set_mesh(mesh):
+            out = jax.jit(encode)(placed, jax.device_put(tokens, batch), jax.device_put(mask, batch))
+        assert out.addressable_shards[0].data.shape[0] == len(tokens) // (data * fsdp)  # batch-sharded
+        np.testing.assert_allclose(np.asarray(out), plain, atol=1e-5 * np.abs(plain).max())
+    half = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+    out16 = np.asarray(T5Encoder(config, jnp.bfloat16).apply({"params": half}, tokens, mask))
+    assert out16.dtype == np.float32  # the final norm is float32
+    assert np.abs(out16 - plain)[mask].max() / np.abs(plain).max() < 5e-2

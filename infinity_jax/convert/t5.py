@@ -1,25 +1,24 @@
-"""Hugging Face T5 weights -> `models.t5.T5Encoder` parameters.
+"""Hugging Face T5 weights <-> `models.t5.T5Encoder` parameters.
 
-Reads a local folder (or a file) as written by `save_pretrained` of `T5EncoderModel` or
-`T5ForConditionalGeneration`: `model.safetensors`, `pytorch_model.bin`, or their sharded `*.index.json` forms,
-plus `config.json`. Decoder and LM-head weights are known and ignored; anything else unknown, missing or misshapen
-fails with the full list.
+Reads a local folder as written by `save_pretrained` of `T5EncoderModel` or `T5ForConditionalGeneration`
+(`model.safetensors`, `pytorch_model.bin`, or their sharded `*.index.json` forms, plus `config.json`), or a hub
+name (e.g. google/flan-t5-xl) through the Hugging Face cache, downloading only the encoder's files where the hub
+is reachable. Decoder and LM-head weights are known and ignored; anything else unknown, missing or misshapen fails
+with the full list. `export_state_dict` writes a `T5EncoderModel` state dict.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
 from collections.abc import Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infinity_jax.convert.common import Rule, apply_rules, load_torch_state_dict
+from infinity_jax.convert.common import Rule, apply_rules, export_rules, leaf_paths, read_state_dict
 from infinity_jax.models.t5 import T5Config, T5Encoder
 
 _DECODER = re.compile(r"^(decoder\.|lm_head\.)")
@@ -48,6 +47,10 @@ def _transform(path: tuple[str, ...]):
     return np.transpose if path[-1] == "kernel" else np.asarray
 
 
+def _rules(config: T5Config) -> list[Rule]:
+    return [Rule(t, hf_names(t), _transform(t), _transform(t)) for t, _ in leaf_paths(abstract_params(config))]
+
+
 def abstract_params(config: T5Config):
     tokens = jnp.zeros((1, 2), jnp.int32)
     return jax.eval_shape(T5Encoder(config).init, jax.random.key(0), tokens, tokens > 0)["params"]
@@ -55,38 +58,47 @@ def abstract_params(config: T5Config):
 
 def convert_state_dict(state_dict: Mapping[str, object], config: T5Config, dtype=np.float32):
     """HF state dict -> our params. Raises CheckpointMismatchError listing every problem."""
-    abstract = abstract_params(config)
-    rules = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))[0]:
-        target = tuple(k.key for k in path)
-        rules.append(Rule(target, hf_names(target), _transform(target)))
 
     def ignore(name: str) -> bool:
         # T5ForConditionalGeneration files hold the decoder, the LM head and a second copy of the embedding.
         return bool(_DECODER.match(name)) or name == "encoder.embed_tokens.weight"
 
-    return apply_rules(state_dict, rules, abstract, ignore=ignore, dtype=dtype)
+    return apply_rules(state_dict, _rules(config), abstract_params(config), ignore=ignore, dtype=dtype)
 
 
-def _weight_files(folder: str) -> list[str]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = os.path.join(folder, index_name)
-        if os.path.exists(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            return [os.path.join(folder, s) for s in shards]
-    for pattern in ("model.safetensors", "pytorch_model.bin", "*.safetensors"):
-        found = sorted(glob.glob(os.path.join(folder, pattern)))
-        if found:
-            return found
-    raise FileNotFoundError(f"no T5 weights (model.safetensors, pytorch_model.bin or an index) in {folder}")
+def export_state_dict(params, config: T5Config) -> dict[str, np.ndarray]:
+    """Our params -> a `T5EncoderModel` state dict (float32; the shared embedding under both of its names)."""
+    state = export_rules(params, _rules(config))
+    state["encoder.embed_tokens.weight"] = state["shared.weight"]
+    return state
 
 
-def load_pretrained(folder: str, dtype=np.float32) -> tuple[dict, T5Config]:
-    """(params, config) of the encoder in a local Hugging Face folder (config.json + weights)."""
+# What a hub download of an encoder needs: its config and weights, never the decoder-only extras.
+HUB_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json")
+
+
+def resolve(name_or_folder: str) -> str:
+    """A local folder as is; otherwise a hub name -> its snapshot folder in the Hugging Face cache (downloaded
+    where the hub is reachable, read from the cache with HF_HUB_OFFLINE=1)."""
+    if os.path.isdir(name_or_folder):
+        return name_or_folder
+    if os.path.exists(name_or_folder) or name_or_folder.count("/") != 1:
+        raise FileNotFoundError(f"{name_or_folder!r} is neither a folder nor a hub name such as google/flan-t5-xl")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name_or_folder, allow_patterns=list(HUB_FILES))
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{name_or_folder} is not in the Hugging Face cache and the hub cannot be reached ({error}); "
+            "download it once (huggingface-cli download NAME) or pass a local folder"
+        ) from None
+
+
+def load_pretrained(name_or_folder: str, dtype=np.float32) -> tuple[dict, T5Config]:
+    """(params, config) of the encoder in a Hugging Face folder or hub name (config.json + weights)."""
+    folder = resolve(name_or_folder)
     with open(os.path.join(folder, "config.json")) as f:
         config = T5Config.from_hf(json.load(f))
-    state_dict = {}
-    for path in _weight_files(folder):
-        state_dict.update(load_torch_state_dict(path))
-    return convert_state_dict(state_dict, config, dtype), config
+    return convert_state_dict(read_state_dict(folder), config, dtype), config

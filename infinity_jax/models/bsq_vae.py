@@ -2,7 +2,9 @@
 
 Channels last. Conv → GroupNorm(32, eps 1e-6) → swish residual blocks, no attention; stride-2 downsampling with
 zero padding on the bottom/right only; nearest ×2 upsampling followed by a 3×3 conv; the encoder emits exactly d
-channels (no KL, no projection), the decoder reads them back.
+channels (no KL, no projection), the decoder reads them back. The same encoder and decoder with single-head
+self-attention in the lowest-resolution level and the middle (`attention=True`) are VAR's VQ-VAE
+(`models/vqvae.py`, REFERENCE §9).
 
 Module names mirror the official state dict (`encoder/down_1/block_0/conv1/kernel` ↔
 `encoder.down.1.block.0.conv1.conv.weight`), so converting an official checkpoint is renaming and transposing.
@@ -30,6 +32,7 @@ class TokenizerConfig:
     stride: pixels per latent cell (16, or 8 for the 8B model's tokenizer).
     ch_mult: channel multipliers of the levels (base_ch each); the first log2(stride) levels downsample.
     patchify: the transformer sees 2×2 latent cells as one token (4·d bits; stride 8 only).
+    attention: self-attention after every block of the lowest-resolution level and in the middle (VAR's VQ-VAE).
     """
 
     bits: int = 32
@@ -38,6 +41,7 @@ class TokenizerConfig:
     ch_mult: tuple[int, ...] = (1, 2, 4, 4, 4)
     num_res_blocks: int = 2
     patchify: bool = False
+    attention: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
@@ -165,31 +169,54 @@ class Upsample(nn.Module):
         return Conv(x.shape[-1], dtype=self.dtype, name="conv")(x)
 
 
+class Attention(nn.Module):
+    """x + proj_out(softmax(q·kᵀ/√C) v) over all positions, q, k, v = 1×1 conv of GroupNorm(x) (one head)."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        qkv = Conv(3 * c, kernel=1, padding=0, dtype=self.dtype, name="qkv")(Norm(self.dtype, name="norm")(x))
+        q, k, v = jnp.split(qkv.reshape(b, h * w, 3 * c).astype(jnp.float32), 3, axis=-1)
+        weights = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * c**-0.5, axis=-1)
+        out = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, h, w, c)
+        return x + Conv(c, kernel=1, padding=0, dtype=self.dtype, name="proj_out")(out.astype(x.dtype))
+
+
 class Level(nn.Module):
-    """One resolution level: residual blocks, then an optional resampling."""
+    """One resolution level: residual blocks (each followed by attention if `attention`), then an optional
+    resampling."""
 
     features: int
     num_blocks: int
     resample: type[nn.Module] | None
     dtype: jnp.dtype = jnp.float32
+    attention: bool = False
 
     @nn.compact
     def __call__(self, x):
         for j in range(self.num_blocks):
             x = ResBlock(self.features, self.dtype, name=f"block_{j}")(x)
+            if self.attention:
+                x = Attention(self.dtype, name=f"attn_{j}")(x)
         if self.resample is not None:
             x = self.resample(self.dtype, name=self.resample.__name__.lower())(x)
         return _constrain(x)
 
 
 class Mid(nn.Module):
-    """Two residual blocks at the lowest resolution (no attention in the released tokenizers)."""
+    """Two residual blocks at the lowest resolution, with attention between them if `attention` (VAR's VQ-VAE;
+    none in Infinity's tokenizers)."""
 
     dtype: jnp.dtype = jnp.float32
+    attention: bool = False
 
     @nn.compact
     def __call__(self, x):
         x = ResBlock(x.shape[-1], self.dtype, name="block_1")(x)
+        if self.attention:
+            x = Attention(self.dtype, name="attn_1")(x)
         return ResBlock(x.shape[-1], self.dtype, name="block_2")(x)
 
 
@@ -208,10 +235,12 @@ class Encoder(nn.Module):
     def __call__(self, x):
         c = self.config
         h = Conv(c.base_ch, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        last = len(c.ch_mult) - 1
         for i, mult in enumerate(c.ch_mult):
             down = Downsample if i < c.num_down else None
-            h = Level(c.base_ch * mult, c.num_res_blocks, down, self.dtype, name=f"down_{i}")(h)
-        h = Mid(self.dtype, name="mid")(h)
+            attend = c.attention and i == last
+            h = Level(c.base_ch * mult, c.num_res_blocks, down, self.dtype, attend, name=f"down_{i}")(h)
+        h = Mid(self.dtype, c.attention, name="mid")(h)
         return _constrain(_output(c.bits, h, self.dtype).astype(jnp.float32))
 
 
@@ -225,10 +254,12 @@ class Decoder(nn.Module):
     def __call__(self, z):
         c = self.config
         h = Conv(c.base_ch * c.ch_mult[-1], dtype=self.dtype, name="conv_in")(z.astype(self.dtype))
-        h = Mid(self.dtype, name="mid")(h)
+        h = Mid(self.dtype, c.attention, name="mid")(h)
+        last = len(c.ch_mult) - 1
         for i in reversed(range(len(c.ch_mult))):
             up = Upsample if 1 <= i <= c.num_down else None
-            h = Level(c.base_ch * c.ch_mult[i], c.num_res_blocks + 1, up, self.dtype, name=f"up_{i}")(h)
+            attend = c.attention and i == last
+            h = Level(c.base_ch * c.ch_mult[i], c.num_res_blocks + 1, up, self.dtype, attend, name=f"up_{i}")(h)
         return _constrain(_output(3, h, self.dtype).astype(jnp.float32))
 
 

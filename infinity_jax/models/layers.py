@@ -132,7 +132,7 @@ class _Attention(nn.Module):
 
 
 class SelfAttention(_Attention):
-    """Cosine self-attention with 2D RoPE and an optional KV cache.
+    """Cosine self-attention with 2D RoPE (optional) and an optional KV cache.
 
     q = normalize(x W_q + b_q) · exp(min(s_h, ln 100)), k = normalize(x W_k) (no key bias), v = x W_v + b_v;
     RoPE on q and k; softmax(q·k) v with scale 1; output projection.
@@ -140,7 +140,8 @@ class SelfAttention(_Attention):
 
     @nn.compact
     def __call__(self, x, rope, mask=None, cache=None, start: int = 0, layer=0, schedule=None):
-        """x: [B, n, C]; rope: (cos, sin) [n, hd/2]; cache: (k, v) [depth, B, L, H, hd] of all layers, or None.
+        """x: [B, n, C]; rope: (cos, sin) [n, hd/2], or None (no RoPE: VAR's absolute positions); cache: (k, v)
+        [depth, B, L, H, hd] of all layers, or None.
 
         With a cache, this layer's new keys/values are written in place at [layer, :, start : start + n] and the
         queries attend to the layer's first start + n rows (no mask: everything before is visible). The whole
@@ -157,7 +158,9 @@ class SelfAttention(_Attention):
         )
         q, k, v = qkv[:, :, 0] + q_bias, qkv[:, :, 1], qkv[:, :, 2] + v_bias
         q = l2_normalize(q) * jnp.exp(jnp.minimum(scale_mul, MAX_LOG_SCALE))[:, None]
-        q, k = apply_rope(q, *rope), apply_rope(l2_normalize(k), *rope)
+        k = l2_normalize(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = (constrain(t, "act_batch", "act_len", "act_heads", "act_kv") for t in (q, k, v))
         if cache is not None:
             b, n = x.shape[:2]

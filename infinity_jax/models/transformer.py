@@ -1,4 +1,4 @@
-"""The next-scale transformer with the bitwise classifier (REFERENCE §3, §5).
+"""The next-scale transformer: Infinity's bitwise classifier (REFERENCE §3, §5) and VAR's codebook classifier (§9).
 
 `Infinity` conditions on text (T5 features, padded, with a mask) or on class labels (an embedding with a null
 class for guidance), and predicts every bit of every token of a scale from all coarser scales:
@@ -7,6 +7,10 @@ class for guidance), and predicts every bit of every token of a scale from all c
     tokens: [SOS + pos_start ; word_embed(inputs of scales 2..K)] + lvl_embed[scale]        (before block 0)
     depth × Block: AdaLN self-attention (cos-attn, 2D RoPE) → cross-attention to the text → AdaLN FFN
     head: AdaLN(cond) → Linear(C, 2d) read as logits [B, L, d, 2]
+
+VAR is the same network with three differences, all config fields: learned absolute positions added to the
+tokens instead of RoPE (`positions="absolute"`, a [L, C] table for one schedule), a head over its VQ codebook
+(`vocab` = 4096: logits [B, L, V]) and per-block AdaLN projections (`shared_aln=False`, except d36).
 
 Methods, all pure functions of the parameters: `__call__` (training: the whole sequence under the block-causal
 mask), `condition`, `step` (one scale against a KV cache, for generation), `embed`, `sos`, `logits`,
@@ -39,7 +43,7 @@ from infinity_jax.models.layers import (
 )
 from infinity_jax.ops.attention import IMPLEMENTATIONS, block_causal_mask
 from infinity_jax.ops.rope import rope_table
-from infinity_jax.schedules import Schedule
+from infinity_jax.schedules import Schedule, var_schedule
 
 # Splash attention (the TPU kernel, or the same kernel interpreted on CPU for tests) serves the training mask;
 # generation and cross-attention then use XLA's kernel.
@@ -60,6 +64,10 @@ class TransformerConfig:
     scan_blocks / remat: run the blocks as one `nn.scan` (parameters stacked on a "layers" axis) and
       rematerialise each block with a `jax.checkpoint_policies` policy ("none" keeps activations).
     attention: "xla" or "cudnn" kernel, or "splash" (TPU; "splash_interpret" on CPU) for the training mask.
+    positions: "rope" (Infinity's 2D RoPE in self-attention) or "absolute" (VAR: a learned [num_positions, C]
+      table added to the tokens, for schedules of at most num_positions tokens).
+    vocab: 0 for the bitwise head (logits [.., bits, 2]); V > 0 for a head over a V-entry codebook ([.., V]).
+      `bits` is then the width of the input features (VAR's Cvae).
     """
 
     depth: int
@@ -78,12 +86,23 @@ class TransformerConfig:
     scan_blocks: bool = False
     remat: str = "none"
     attention: str = "xla"
+    positions: str = "rope"
+    num_positions: int = 0
+    vocab: int = 0
 
     def __post_init__(self):
         if self.cond not in ("text", "class"):
             raise ValueError(f"cond must be 'text' or 'class', got {self.cond!r}")
-        if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
+        if self.positions not in ("rope", "absolute"):
+            raise ValueError(f"positions must be 'rope' or 'absolute', got {self.positions!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.positions == "rope" and (self.embed_dim // self.num_heads) % 4:
             raise ValueError(f"embed_dim {self.embed_dim} / num_heads {self.num_heads} must be a multiple of 4 (RoPE)")
+        if self.positions == "absolute" and self.num_positions < 1:
+            raise ValueError("absolute positions need num_positions > 0 (the schedule's token count L)")
+        if self.vocab < 0:
+            raise ValueError(f"vocab must be 0 (bitwise head) or a codebook size, got {self.vocab}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
         if self.attention not in ATTENTIONS:
@@ -98,13 +117,19 @@ class TransformerConfig:
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 
     @classmethod
-    def from_size(cls, name: str, **overrides) -> TransformerConfig:
-        """A layout from the size table: VAR sizes condition on classes, Infinity sizes on text."""
+    def from_size(cls, name: str, schedule: Schedule | None = None, **overrides) -> TransformerConfig:
+        """A layout from the size table. Infinity sizes condition on text; VAR sizes are VAR itself (classes,
+        absolute positions and level embeddings of `schedule`, default `var_schedule(256)`, a 4096-way head)."""
         size = sizes.get_size(name)
         fields = {
             f: getattr(size, f) for f in ("depth", "embed_dim", "num_heads", "ffn_dim", "drop_path", "shared_aln")
         }
-        fields["cond"] = "class" if size.family == "var" else "text"
+        if size.family == "var":
+            schedule = schedule or var_schedule(256)
+            fields.update(cond="class", positions="absolute", vocab=sizes.VAR_CODEBOOK_SIZE, bits=sizes.VAR_VAE_DIM)
+            fields.update(num_positions=schedule.num_tokens, num_levels=schedule.num_scales)
+        else:
+            fields["cond"] = "text"
         return cls(**{**fields, **overrides})
 
     @property
@@ -150,11 +175,11 @@ class Condition:
 
 @struct.dataclass
 class BlockContext:
-    """Per-call inputs shared by all blocks: conditioning, RoPE rows of the tokens, mask, guidance weight, and the
-    schedule (static; the splash kernel builds its block-sparse mask from it)."""
+    """Per-call inputs shared by all blocks: conditioning, RoPE rows of the tokens (None with absolute positions),
+    mask, guidance weight, and the schedule (static; the splash kernel builds its block-sparse mask from it)."""
 
     condition: Condition
-    rope: tuple[jax.Array, jax.Array]
+    rope: tuple[jax.Array, jax.Array] | None
     mask: jax.Array | None = None
     cfg: jax.Array | None = None
     schedule: Schedule | None = struct.field(pytree_node=False, default=None)
@@ -283,12 +308,19 @@ class Infinity(nn.Module):
         self.lvl_embed = nn.Embed(
             c.num_levels, c.embed_dim, embedding_init=nn.with_logical_partitioning(normal(std), (None, "embed"))
         )
+        if c.positions == "absolute":
+            self.pos_1LC = self.param(
+                "pos_1LC", nn.with_logical_partitioning(normal(std), (None, "embed")), (c.num_positions, c.embed_dim)
+            )
         self.word_embed = dense(c.embed_dim, ("bits", "embed"), std=std, name=None)
         if c.shared_aln:
             self.shared_ada_lin = dense((6, c.embed_dim), ("embed", None, "embed_out"), std=std, name=None)
         self.blocks = BlockStack(c)
         self.head_nm = dense((2, c.embed_dim), ("embed", None, "embed_out"), std=std * ALN_INIT, name=None)
-        self.head = dense((c.bits, 2), ("embed", "bits", None), std=std * HEAD_INIT, name=None)
+        if c.vocab:
+            self.head = dense(c.vocab, ("embed", "vocab"), std=std * HEAD_INIT, name=None)
+        else:
+            self.head = dense((c.bits, 2), ("embed", "bits", None), std=std * HEAD_INIT, name=None)
 
     # -- conditioning ------------------------------------------------------------------------------------------
 
@@ -328,10 +360,19 @@ class Infinity(nn.Module):
         return self.word_embed(features.astype(jnp.float32))
 
     def logits(self, hidden: jax.Array, cond: jax.Array) -> jax.Array:
-        """[B, n, C] -> [B, n, bits, 2] float32 (head AdaLN uses the pooled condition, not gss)."""
+        """[B, n, C] -> [B, n, bits, 2] (bitwise) or [B, n, V] (codebook) float32; the head's AdaLN uses the
+        pooled condition, not gss."""
         scale_shift = self.head_nm(nn.silu(cond))
         h = modulate(hidden, scale_shift[:, None, 0], scale_shift[:, None, 1])
-        return constrain(self.head(h), "act_batch", "act_len", None, None)
+        out = self.head(h)
+        return constrain(out, "act_batch", "act_len", *(None,) * (out.ndim - 2))
+
+    def _positions(self, schedule: Schedule, start: int, n: int):
+        """(absolute position rows [n, C] or 0, RoPE (cos, sin) rows [n, hd/2] or None) of tokens start…start+n."""
+        if self.config.positions == "absolute":
+            return self.pos_1LC[start : start + n], None
+        cos, sin = rope_table(schedule, self.config.head_dim)
+        return 0.0, (jnp.asarray(cos[start : start + n]), jnp.asarray(sin[start : start + n]))
 
     # -- full sequence (training) ----------------------------------------------------------------------------
 
@@ -347,7 +388,7 @@ class Infinity(nn.Module):
           deterministic: False applies stochastic depth (needs a "dropout" rng).
 
         Returns:
-          [B, L, bits, 2] float32 logits.
+          [B, L, bits, 2] (or [B, L, V] with a codebook head) float32 logits.
         """
         self.check_schedule(schedule)
         if inputs.ndim != 3 or inputs.shape[1:] != (schedule.num_tokens - 1, self.config.bits):
@@ -357,13 +398,10 @@ class Infinity(nn.Module):
             )
         condition = self.condition(text, text_mask, labels, drop)
         x = jnp.concatenate([self.sos(condition.cond), self.embed(inputs)], axis=1)
-        x = x + self.lvl_embed(jnp.asarray(schedule.scale_ids()))[None]
-        cos, sin = rope_table(schedule, self.config.head_dim)
+        positions, rope = self._positions(schedule, 0, schedule.num_tokens)
+        x = x + self.lvl_embed(jnp.asarray(schedule.scale_ids()))[None] + positions
         ctx = BlockContext(
-            condition,
-            (jnp.asarray(cos), jnp.asarray(sin)),
-            mask=jnp.asarray(block_causal_mask(schedule))[None, None],
-            schedule=schedule,
+            condition, rope, mask=jnp.asarray(block_causal_mask(schedule))[None, None], schedule=schedule
         )
         x, _ = self.blocks(x, ctx, deterministic=deterministic)
         return self.logits(x, condition.cond)
@@ -374,9 +412,8 @@ class Infinity(nn.Module):
         """Runs the tokens of scale `scale` ([B, n, C], embedded) through the blocks; returns (hidden, cache)."""
         start = schedule.offsets[scale]
         n = schedule.tokens_per_scale[scale]
-        x = x + self.lvl_embed(jnp.asarray(scale))[None, None]
-        cos, sin = rope_table(schedule, self.config.head_dim)
-        rope = (jnp.asarray(cos[start : start + n]), jnp.asarray(sin[start : start + n]))
+        positions, rope = self._positions(schedule, start, n)
+        x = x + self.lvl_embed(jnp.asarray(scale))[None, None] + positions
         return self.blocks(x, BlockContext(condition, rope, cfg=cfg), cache, start=start, cfg_layer=cfg_layer)
 
     def check_schedule(self, schedule: Schedule) -> None:
@@ -387,6 +424,11 @@ class Infinity(nn.Module):
         if schedule.num_scales > self.config.num_levels:
             raise ValueError(
                 f"schedule {schedule.name} has {schedule.num_scales} scales but the model has {self.config.num_levels} level embeddings"
+            )
+        if self.config.positions == "absolute" and schedule.num_tokens > self.config.num_positions:
+            raise ValueError(
+                f"schedule {schedule.name} has {schedule.num_tokens} tokens but the model's absolute position table "
+                f"has {self.config.num_positions} rows"
             )
 
 

@@ -1,9 +1,12 @@
-"""Resizing that equals PyTorch's `F.interpolate` for the two modes Infinity uses (REFERENCE §10.1).
+"""Resizing that equals PyTorch's `F.interpolate` for the modes Infinity and VAR use (REFERENCE §10.1, §9).
 
 * `area`: adaptive average pooling. Output cell i averages input cells [floor(i·In/Out), ceil((i+1)·In/Out)),
   which for up-sampling repeats cells (torch's semantics, not a box filter).
 * `bilinear`: `align_corners=False`, no antialias. Source coordinate (i + 0.5)·In/Out − 0.5, clamped at 0; the
   right neighbour is clamped at the border.
+* `bicubic` (VAR's up-sampling of token maps): `align_corners=False`, no antialias, Keys' kernel with a = −0.75
+  over the 4 neighbours floor(s) − 1 … floor(s) + 2 of the unclamped source coordinate s, each index clamped
+  to the border (so border pixels are repeated, not mirrored).
 
 `jax.image.resize` differs from both (it antialiases when down-sampling and treats borders differently), so each
 axis is resampled by an explicit [Out, In] matrix built on the host from the static shapes. Both modes are
@@ -19,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-METHODS = ("area", "bilinear")
+METHODS = ("area", "bilinear", "bicubic")
+CUBIC_A = -0.75  # torch's (and OpenCV's) bicubic kernel parameter
 
 
 @functools.cache
@@ -50,7 +54,35 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
-_MATRICES = {"area": area_matrix, "bilinear": bilinear_matrix}
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """[n] fractional offsets -> [n, 4] Keys weights of the neighbours at offsets −1, 0, 1, 2."""
+    a = CUBIC_A
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+@functools.cache
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] float32 weights of torch's bicubic interpolation (align_corners=False) along one axis."""
+    scale = np.float64(np.float32(in_size) / np.float32(out_size))
+    src = (scale * (np.arange(out_size) + 0.5) - 0.5).astype(np.float32)  # not clamped, unlike bilinear
+    floor = np.floor(src)
+    weights = np.zeros((out_size, in_size), np.float64)
+    rows = np.arange(out_size)
+    taps = _cubic_weights((src - floor).astype(np.float64))
+    for offset in range(4):
+        index = np.clip(floor.astype(np.int64) - 1 + offset, 0, in_size - 1)
+        np.add.at(weights, (rows, index), taps[:, offset])
+    return weights.astype(np.float32)
+
+
+_MATRICES = {"area": area_matrix, "bilinear": bilinear_matrix, "bicubic": bicubic_matrix}
 
 
 def resize(x: jax.Array, size: tuple[int, int], method: str) -> jax.Array:
@@ -59,7 +91,7 @@ def resize(x: jax.Array, size: tuple[int, int], method: str) -> jax.Array:
     Args:
       x: [..., H, W, C] (e.g. [B, H, W, d] latents).
       size: (h, w) output size.
-      method: "area" or "bilinear" (align_corners=False, no antialias).
+      method: "area", "bilinear" or "bicubic" (align_corners=False, no antialias).
 
     Returns:
       [..., h, w, C] in x's dtype (computed in float32).
@@ -91,3 +123,8 @@ def area_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 def bilinear_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """torch `interpolate(mode='bilinear', align_corners=False)` on [..., H, W, C]."""
     return resize(x, size, "bilinear")
+
+
+def bicubic_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """torch `interpolate(mode='bicubic', align_corners=False)` on [..., H, W, C]."""
+    return resize(x, size, "bicubic")

@@ -16,10 +16,11 @@ import optax
 
 from infinity_jax import config as config_lib
 from infinity_jax import schedules, sharding
+from infinity_jax.convert import converted
 from infinity_jax.models.t5 import get_t5_layout
 from infinity_jax.models.transformer import TransformerConfig
-from infinity_jax.train import checkpoint, loop, optim
 from infinity_jax.train import frozen as frozen_towers
+from infinity_jax.train import loop, optim
 from infinity_jax.train.step import Frozen, StepConfig, init_state, train_step
 
 
@@ -118,7 +119,8 @@ def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdi
         return jit_step(setup, schedule, frozen_shardings, device_batch)
 
     def init_from(state, path):
-        return state.replace(params=checkpoint.load_params(path, setup.abstract_state.params))
+        params = converted.load_transformer(path, setup.step_config.model, setup.abstract_state.params)
+        return state.replace(params=params)
 
     return loop.Task(
         abstract_state=setup.abstract_state,

@@ -165,7 +165,7 @@ def _stand_ins():
 
 
 @contextlib.contextmanager
-def _running(dtype):
+def running(dtype):
     """No gradients, no deprecation warnings of the official `torch.cuda.amp.autocast` calls and, with float64,
     `Tensor.float()` returning float64 tensors unchanged (other dtypes still go to float32) so that the official code's
     float32 casts keep the float64 computation."""
@@ -366,7 +366,7 @@ def official_forward_logits(model, text, text_mask, x_wo_prefix, schedule_hw, dt
         raise ValueError(f"x_wo_prefix {tuple(x.shape)} does not match L - 1 = {length - 1} and bits = {model.d_vae}")
     model.to(dtype).eval()
     model.cond_drop_rate = 0.0  # the forward replaces a sample's text by cfg_uncond with this probability
-    with _running(dtype):
+    with running(dtype):
         logits = model(packed_text(text, text_mask, dtype), x, scale_schedule=schedule)
     return logits.numpy()
 
@@ -396,7 +396,7 @@ def official_cached_logits(model, text, text_mask, gt_bits_per_scale, schedule_h
     model.get_logits = recording_get_logits  # an instance attribute shadows the method
     try:
         # The loop still samples (then discards) bits from the global RNG; fork it to leave the caller's stream as is.
-        with _running(dtype), torch.random.fork_rng(devices=[]):
+        with running(dtype), torch.random.fork_rng(devices=[]):
             model.autoregressive_infer_cfg(
                 vae=vae, scale_schedule=schedule, label_B_or_BLT=cond, B=len(cond[1]),
                 cfg_list=[1.0] * len(schedule), tau_list=[1.0] * len(schedule), cfg_insertion_layer=[],
