@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infinity_jax import quantizer
+from infinity_jax import editing, quantizer
 from infinity_jax.models.transformer import Infinity, TransformerConfig, init_cache
 from infinity_jax.ops.patchify import pixel_shuffle, pixel_unshuffle
 from infinity_jax.ops.resize import bilinear_resize
@@ -41,15 +41,17 @@ class Generation(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Static:
+class Static:
+    """What a compiled generation is specialised on (hashable; one compile per distinct value)."""
+
     config: TransformerConfig
     schedule: Schedule
     batch: int
     guided: bool
-    cfg_layer: int
-    patchify: bool
-    teacher_scales: int
+    known: bool  # known tokens (teacher forcing, editing) replace the sampled ones where their mask says
     return_logits: bool
+    cfg_layer: int = 0
+    patchify: bool = False
 
 
 def sample_bits(uniform: jax.Array, logits: jax.Array, top_k=0, top_p=0.0) -> jax.Array:
@@ -73,7 +75,7 @@ def sample_bits(uniform: jax.Array, logits: jax.Array, top_k=0, top_p=0.0) -> ja
     return (uniform < jax.nn.softmax(jnp.where(remove, -jnp.inf, logits), axis=-1)[..., 1]).astype(jnp.int32)
 
 
-def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p, teacher, tokenizer, static: _Static):
+def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p, known, tokenizer, static: Static):
     c, schedule, batch = static.config, static.schedule, static.batch
     model = Infinity(c)
 
@@ -100,8 +102,8 @@ def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p
             logits = apply(hidden[:batch], condition.cond[:batch], method=Infinity.logits) / tau[k]
         uniform = uniforms[:, schedule.offsets[k] : schedule.offsets[k + 1]]
         bits = sample_bits(uniform, logits, top_k, top_p).reshape(batch, h, w, c.bits)
-        if k < static.teacher_scales:
-            bits = teacher[k]
+        if static.known:
+            bits = jnp.where(known[1][k][..., None], known[0][k], bits)
         all_bits.append(bits)
         all_logits.append(logits)
         codes = quantizer.bits_to_codes(pixel_shuffle(bits) if static.patchify else bits)
@@ -116,7 +118,7 @@ def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p
 
 
 @functools.cache
-def _compiled(static: _Static):
+def _compiled(static: Static):
     return jax.jit(functools.partial(_generate, static=static))
 
 
@@ -146,6 +148,8 @@ def generate(
     tokenizer: Tokenizer | None = None,
     patchify: bool | None = None,
     teacher_bits: Sequence[jax.Array] = (),
+    known_bits: Sequence[jax.Array] = (),
+    known_masks: Sequence[jax.Array] = (),
     return_logits: bool = False,
 ) -> Generation:
     """Generates one batch for one schedule.
@@ -162,6 +166,8 @@ def generate(
       cfg_layer: 0 mixes guidance on the logits; −n mixes the hidden states after block depth − n instead.
       tokenizer: decodes the latent into images when given; also fixes `patchify`.
       teacher_bits: ground-truth bits [B, h, w, bits] for the first len(teacher_bits) scales (teacher forcing).
+      known_bits, known_masks: for every scale, bits [B, h, w, bits] and a mask [B, h, w] (True: use these bits,
+        e.g. `editing.scale_masks` of the region to keep and the image's own bits): zero-shot editing.
       return_logits: also return each scale's logits.
     """
     Infinity(config).check_schedule(schedule)
@@ -194,18 +200,28 @@ def generate(
             text, text_mask = jnp.concatenate([text, text]), jnp.concatenate([text_mask, text_mask])
         else:
             labels = jnp.concatenate([labels, labels])
-    teacher = tuple(jnp.asarray(b, jnp.int32) for b in teacher_bits)
-    for k, b in enumerate(teacher):
-        expected = (batch, *schedule.scales[k], config.bits)
-        if b.shape != expected:
-            raise ValueError(f"teacher bits of scale {k} must be {expected}, got {b.shape}")
-    static = _Static(
-        config, schedule, batch, guided, cfg_layer if guided else 0, bool(patchify), len(teacher), return_logits
+    known = known_tokens(teacher_bits, known_bits, known_masks, schedule, batch, (config.bits,), "bits")
+    static = Static(
+        config, schedule, batch, guided, known is not None, return_logits, cfg_layer if guided else 0, bool(patchify)
     )
     top_k, top_p = jnp.int32(top_k), jnp.float32(top_p)
     return _compiled(static)(
-        params, key, text, text_mask, labels, drop, cfg_values, tau_values, top_k, top_p, teacher, tokenizer
+        params, key, text, text_mask, labels, drop, cfg_values, tau_values, top_k, top_p, known, tokenizer
     )
+
+
+def known_tokens(teacher, values, masks, schedule: Schedule, batch: int, tail: tuple[int, ...], what: str):
+    """(values, masks) per scale from teacher forcing of the first scales or explicit known tokens; None if neither."""
+    if len(teacher) and len(values):
+        raise ValueError(f"give teacher {what} or known {what} with masks, not both")
+    if len(teacher):
+        if len(teacher) > schedule.num_scales:
+            raise ValueError(f"{len(teacher)} teacher scales for a schedule of {schedule.num_scales}")
+        zeros = [jnp.zeros((batch, *grid, *tail), jnp.int32) for grid in schedule.scales[len(teacher) :]]
+        values, masks = (*teacher, *zeros), editing.teacher_masks(batch, schedule, len(teacher))
+    if not len(values):
+        return None
+    return editing.check_known(values, masks, schedule, batch, tail, what)
 
 
 def _pad_to(x, length):

@@ -10,7 +10,6 @@ VAR's guidance grows over the scales: the official `cfg` c gives w_k = 1 + c·k/
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infinity_jax.generate import check_conditioning, per_scale
+from infinity_jax.generate import Static, check_conditioning, known_tokens, per_scale
 from infinity_jax.models.transformer import Infinity, TransformerConfig, init_cache
 from infinity_jax.models.vqvae import VQTokenizer
 from infinity_jax.ops.resize import area_resize
@@ -34,16 +33,6 @@ class VARGeneration(NamedTuple):
     f_hat: jax.Array
     images: jax.Array
     logits: tuple[jax.Array, ...] | None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    config: TransformerConfig
-    schedule: Schedule
-    batch: int
-    guided: bool
-    teacher_scales: int
-    return_logits: bool
 
 
 def var_guidance(cfg: float, num_scales: int) -> np.ndarray:
@@ -69,7 +58,7 @@ def filter_logits(logits: jax.Array, top_k=0, top_p=0.0) -> jax.Array:
     return jnp.where((top_p > 0) & (logits < threshold), -jnp.inf, logits)
 
 
-def _generate(params, tokenizer: VQTokenizer, key, labels, drop, cfg, tau, top_k, top_p, teacher, static: _Static):
+def _generate(params, tokenizer: VQTokenizer, key, labels, drop, cfg, tau, top_k, top_p, known, static: Static):
     c, schedule, batch = static.config, static.schedule, static.batch
     model = Infinity(c)
 
@@ -88,8 +77,8 @@ def _generate(params, tokenizer: VQTokenizer, key, labels, drop, cfg, tau, top_k
             logits = cfg[k] * logits[:batch] + (1.0 - cfg[k]) * logits[batch:]
         draw = jax.random.categorical(jax.random.fold_in(key, k), filter_logits(logits, top_k, top_p))
         indices = draw.astype(jnp.int32).reshape(batch, h, w)
-        if k < static.teacher_scales:
-            indices = teacher[k]
+        if static.known:
+            indices = jnp.where(known[1][k], known[0][k], indices)
         all_indices.append(indices)
         all_logits.append(logits)
         f_hat = tokenizer.add_scale(f_hat, tokenizer.lookup(indices), k, schedule)
@@ -102,7 +91,7 @@ def _generate(params, tokenizer: VQTokenizer, key, labels, drop, cfg, tau, top_k
 
 
 @functools.cache
-def _compiled(static: _Static):
+def _compiled(static: Static):
     return jax.jit(functools.partial(_generate, static=static))
 
 
@@ -119,6 +108,8 @@ def generate_var(
     top_k: int = 900,
     top_p: float = 0.96,
     teacher_indices: Sequence[jax.Array] = (),
+    known_indices: Sequence[jax.Array] = (),
+    known_masks: Sequence[jax.Array] = (),
     return_logits: bool = False,
 ) -> VARGeneration:
     """Generates one batch of class-conditional images with a VAR transformer and its VQ-VAE.
@@ -132,6 +123,8 @@ def generate_var(
         on unless every weight is 1. The FID setting of the paper: cfg 1.5, top_k 900, top_p 0.96 (the defaults).
       tau: temperature, a number or one per scale.
       teacher_indices: ground-truth indices [B, h, w] for the first scales (teacher forcing).
+      known_indices, known_masks: for every scale, indices [B, h, w] and a mask [B, h, w] (True: use these):
+        zero-shot in-/out-painting and class-conditional editing (`editing.scale_masks`, the image's indices).
       return_logits: also return each scale's (filtered before sampling, returned unfiltered) logits.
     """
     if not config.vocab:
@@ -151,11 +144,8 @@ def generate_var(
     drop = None
     if guided:  # the unconditional half: the null class
         labels, drop = jnp.concatenate([labels, labels]), jnp.arange(2 * batch) >= batch
-    teacher = tuple(jnp.asarray(t, jnp.int32) for t in teacher_indices)
-    for k, t in enumerate(teacher):
-        if t.shape != (batch, *schedule.scales[k]):
-            raise ValueError(f"teacher indices of scale {k} must be {(batch, *schedule.scales[k])}, got {t.shape}")
-    static = _Static(config, schedule, batch, guided, len(teacher), return_logits)
+    known = known_tokens(teacher_indices, known_indices, known_masks, schedule, batch, (), "indices")
+    static = Static(config, schedule, batch, guided, known is not None, return_logits)
     return _compiled(static)(
-        params, tokenizer, key, labels, drop, cfg_values, tau_values, jnp.int32(top_k), jnp.float32(top_p), teacher
+        params, tokenizer, key, labels, drop, cfg_values, tau_values, jnp.int32(top_k), jnp.float32(top_p), known
     )

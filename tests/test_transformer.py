@@ -270,7 +270,7 @@ def test_bad_input_raises_clear_errors():
         generate(random_params(TINY_CLASS), TINY_CLASS, SQUARE, jax.random.key(0))
     with pytest.raises(ValueError, match="cfg_layer must be 0"):
         generate(params, TINY, SQUARE, jax.random.key(0), **cond, cfg=2.0, cfg_layer=-2)
-    with pytest.raises(ValueError, match=r"teacher bits of scale 1 must be \(2, 2, 2, 8\)"):
+    with pytest.raises(ValueError, match=r"scale 1: known bits must be \(2, 2, 2, 8\)"):
         generate(
             params,
             TINY,
