@@ -13,14 +13,16 @@ changing cfg, tau, prompts or keys does not recompile.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from infinity_jax import editing, quantizer
 from infinity_jax.models.transformer import Infinity, TransformerConfig, init_cache
@@ -52,6 +54,31 @@ class Static:
     return_logits: bool
     cfg_layer: int = 0
     patchify: bool = False
+    progress: bool = False  # report each finished scale to the `on_scale` callbacks (from inside the compiled loop)
+
+
+_SCALE_CALLBACKS: list[Callable[[int], None]] = []
+
+
+@contextlib.contextmanager
+def on_scale(callback: Callable[[int], None]):
+    """Within the block, generations with progress=True call `callback(k)` as scale k finishes (a progress bar)."""
+    _SCALE_CALLBACKS.append(callback)
+    try:
+        yield
+    finally:
+        _SCALE_CALLBACKS.remove(callback)
+
+
+def _scale_done(k) -> None:
+    for callback in list(_SCALE_CALLBACKS):
+        callback(int(k))
+
+
+def report_scale(static: Static, k: int) -> None:
+    """Inside a compiled generation: tell the host that scale k is done (ordered; a no-op without progress)."""
+    if static.progress:
+        io_callback(_scale_done, None, jnp.int32(k), ordered=True)
 
 
 def sample_bits(uniform: jax.Array, logits: jax.Array, top_k=0, top_p=0.0) -> jax.Array:
@@ -106,6 +133,7 @@ def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p
             bits = jnp.where(known[1][k][..., None], known[0][k], bits)
         all_bits.append(bits)
         all_logits.append(logits)
+        report_scale(static, k)
         codes = quantizer.bits_to_codes(pixel_shuffle(bits) if static.patchify else bits)
         latent = latent + bilinear_resize(codes, vae_schedule.grid)
         if k + 1 < schedule.num_scales:
@@ -151,6 +179,7 @@ def generate(
     known_bits: Sequence[jax.Array] = (),
     known_masks: Sequence[jax.Array] = (),
     return_logits: bool = False,
+    progress: bool = False,
 ) -> Generation:
     """Generates one batch for one schedule.
 
@@ -169,6 +198,7 @@ def generate(
       known_bits, known_masks: for every scale, bits [B, h, w, bits] and a mask [B, h, w] (True: use these bits,
         e.g. `editing.scale_masks` of the region to keep and the image's own bits): zero-shot editing.
       return_logits: also return each scale's logits.
+      progress: call the `on_scale` callbacks as each scale finishes.
     """
     Infinity(config).check_schedule(schedule)
     text, text_mask, labels = check_conditioning(config, text, text_mask, labels)
@@ -202,8 +232,9 @@ def generate(
             labels = jnp.concatenate([labels, labels])
     known = known_tokens(teacher_bits, known_bits, known_masks, schedule, batch, (config.bits,), "bits")
     static = Static(
-        config, schedule, batch, guided, known is not None, return_logits, cfg_layer if guided else 0, bool(patchify)
-    )
+        config, schedule, batch, guided, known is not None, return_logits, cfg_layer if guided else 0, bool(patchify),
+        progress,
+    )  # fmt: skip
     top_k, top_p = jnp.int32(top_k), jnp.float32(top_p)
     return _compiled(static)(
         params, key, text, text_mask, labels, drop, cfg_values, tau_values, top_k, top_p, known, tokenizer

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infinity_jax.generate import Static, check_conditioning, known_tokens, per_scale
+from infinity_jax.generate import Static, check_conditioning, known_tokens, per_scale, report_scale
 from infinity_jax.models.transformer import Infinity, TransformerConfig, init_cache
 from infinity_jax.models.vqvae import VQTokenizer
 from infinity_jax.ops.resize import area_resize
@@ -81,6 +81,7 @@ def _generate(params, tokenizer: VQTokenizer, key, labels, drop, cfg, tau, top_k
             indices = jnp.where(known[1][k], known[0][k], indices)
         all_indices.append(indices)
         all_logits.append(logits)
+        report_scale(static, k)
         f_hat = tokenizer.add_scale(f_hat, tokenizer.lookup(indices), k, schedule)
         if k + 1 < schedule.num_scales:
             nxt = area_resize(f_hat, schedule.scales[k + 1]).reshape(batch, -1, tokenizer.config.dim)
@@ -111,6 +112,7 @@ def generate_var(
     known_indices: Sequence[jax.Array] = (),
     known_masks: Sequence[jax.Array] = (),
     return_logits: bool = False,
+    progress: bool = False,
 ) -> VARGeneration:
     """Generates one batch of class-conditional images with a VAR transformer and its VQ-VAE.
 
@@ -125,6 +127,7 @@ def generate_var(
       teacher_indices: ground-truth indices [B, h, w] for the first scales (teacher forcing).
       known_indices, known_masks: for every scale, indices [B, h, w] and a mask [B, h, w] (True: use these):
         zero-shot in-/out-painting and class-conditional editing (`editing.scale_masks`, the image's indices).
+      progress: call the `generate.on_scale` callbacks as each scale finishes.
       return_logits: also return each scale's (filtered before sampling, returned unfiltered) logits.
     """
     if not config.vocab:
@@ -145,7 +148,7 @@ def generate_var(
     if guided:  # the unconditional half: the null class
         labels, drop = jnp.concatenate([labels, labels]), jnp.arange(2 * batch) >= batch
     known = known_tokens(teacher_indices, known_indices, known_masks, schedule, batch, (), "indices")
-    static = Static(config, schedule, batch, guided, known is not None, return_logits)
+    static = Static(config, schedule, batch, guided, known is not None, return_logits, progress=progress)
     return _compiled(static)(
         params, tokenizer, key, labels, drop, cfg_values, tau_values, jnp.int32(top_k), jnp.float32(top_p), known
     )

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from infinity_jax import schedules
 from infinity_jax.cli import load_config_file
@@ -107,7 +108,7 @@ def test_learning_rate_warmup_then_cosine():
 
 
 @pytest.mark.parametrize("cond", ["text", "class"])
-def test_tiny_model_learns_on_real_images(tmp_path, cond):
+def test_tiny_model_learns_on_real_images_and_samples(tmp_path, cond):
     config = tiny_config(cond, steps=200, log_every=50)
     config.mesh.num_devices = 1
     _, history = train(config, str(tmp_path))
@@ -119,6 +120,12 @@ def test_tiny_model_learns_on_real_images(tmp_path, cond):
     assert [r["loss"] for r in lines] == list(loss)
     assert {"loss/s2", "acc/s1", "grad_norm", "param_norm", "learning_rate", "tokens_per_s"} <= set(lines[-1])
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
+    # The run samples as it is: its newest checkpoint with the frozen towers its config names.
+    from infinity_jax.sample import main as sample
+
+    what = ["--prompt", "a red heart"] if cond == "text" else ["--class_id", "3"]
+    assert sample(["--run", str(tmp_path), *what, "--batch", "1", "--out", str(tmp_path / "samples")]) == 0
+    assert Image.open(tmp_path / "samples" / "sample_000.png").size == (64, 64)
 
 
 def _on_mesh(steps, data, fsdp, tensor):

@@ -7,6 +7,8 @@
     python -m infinity_jax.convert var var_d16.pth ckpt/var_d16                          (a VAR transformer …)
     python -m infinity_jax.convert var vae_ch160v4096z32.pth ckpt/var_vae                (… or its VQ-VAE)
     python -m infinity_jax.convert export ckpt/infinity_2b infinity_2b_ours.pth [--block_chunks 8]
+    python -m infinity_jax.convert random transformer:tiny:bits=16,text_dim=256 ckpt/tiny   (random weights of a
+        named layout, fields overridable: smoke tests, notebooks; also tokenizer:NAME, t5:NAME, vqvae:NAME)
 
 The layout is read off the state dict (widths, depth, heads, bits, …), so no size needs naming; every name and
 shape is checked and a mismatch fails listing every missing, unexpected and misshapen tensor. The output folder
@@ -17,6 +19,7 @@ converted checkpoint (or one exported from a run) back as an official state dict
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from infinity_jax.convert import common, converted
@@ -24,7 +27,7 @@ from infinity_jax.convert import t5 as convert_t5
 from infinity_jax.convert import tokenizer as convert_tokenizer
 from infinity_jax.convert import transformer as convert_transformer
 from infinity_jax.convert import vqvae as convert_vqvae
-from infinity_jax.schedules import var_schedule
+from infinity_jax.schedules import Schedule, var_schedule
 
 
 def convert_transformer_state(state, src: str, out: str, dtype: str, scan_blocks: bool) -> str:
@@ -76,11 +79,74 @@ def export(path: str, out: str, block_chunks: int | None) -> str:
     return f"{len(state)} tensors under the official names"
 
 
+def _overrides(text: str) -> dict:
+    """ "a=1,b=true,c=x" -> {"a": 1, "b": True, "c": "x"}."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    out[key] = value
+    return out
+
+
+def random_checkpoint(spec: str, out: str, seed: int, resolution) -> str:
+    """Writes random weights of "KIND:NAME[:field=value,…]" as a converted checkpoint (the layouts' own init)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from infinity_jax.models.bsq_vae import get_tokenizer_config
+    from infinity_jax.models.t5 import T5Encoder, get_t5_layout
+    from infinity_jax.models.transformer import Infinity, TransformerConfig
+    from infinity_jax.models.vqvae import VQVAES, VQTokenizer
+    from infinity_jax.tokenizer import Tokenizer
+
+    kind, _, rest = spec.partition(":")
+    name, _, fields = rest.partition(":")
+    key = jax.random.key(seed)
+    overrides = _overrides(fields)
+    resolution = resolution or 256
+    if isinstance(resolution, str):  # "512", or VAR patch_nums "1,2,3,4"
+        resolution = int(resolution) if resolution.isdigit() else [int(p) for p in resolution.split(",")]
+    if kind == "transformer":
+        schedule = var_schedule(resolution) if name.startswith("var") else None
+        config = TransformerConfig.from_size(name, schedule=schedule, **overrides)
+        cond = {"labels": jnp.zeros((1,), jnp.int32)} if config.cond == "class" else {
+            "text": jnp.zeros((1, 1, config.text_dim)), "text_mask": jnp.ones((1, 1), bool)}  # fmt: skip
+        init = lambda k: Infinity(config).init(k, jnp.zeros((1, 0, config.bits)), Schedule(((1, 1),)), **cond)  # noqa: E731
+        params = nn.unbox(jax.jit(init)(key)["params"])
+        converted.save(out, "transformer", config, params, source=spec, resolution=resolution if config.vocab else None)
+        return f"random {name} transformer ({sum(x.size for x in jax.tree.leaves(params)):,} parameters)"
+    if kind == "tokenizer":
+        tokenizer = jax.jit(functools.partial(Tokenizer.init, get_tokenizer_config(name)))(key)
+        converted.save(out, "tokenizer", tokenizer.config, tokenizer.params, source=spec)
+        return f"random {name} tokenizer"
+    if kind == "vqvae":
+        vq = jax.jit(functools.partial(VQTokenizer.init, VQVAES[name]))(key)
+        converted.save(out, "vqvae", vq.config, vq.params, source=spec)
+        return f"random {name} VQ-VAE"
+    if kind == "t5":
+        config = get_t5_layout(name)
+        tokens = jnp.zeros((1, 2), jnp.int32)
+        params = nn.unbox(jax.jit(lambda k: T5Encoder(config).init(k, tokens, tokens > 0)["params"])(key))
+        converted.save(out, "t5", config, params, source=spec)
+        return f"random {name} T5"
+    raise ValueError(f"random checkpoints are transformer:, tokenizer:, vqvae: or t5:NAME, got {spec!r}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m infinity_jax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("kind", choices=("transformer", "tokenizer", "t5", "var", "export"))
+    parser.add_argument("kind", choices=("transformer", "tokenizer", "t5", "var", "export", "random"))
     parser.add_argument("src", help="official file or folder (export: a converted checkpoint folder)")
     parser.add_argument("out", help="output folder (export: a .pth or .safetensors file)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="stored parameter dtype")
@@ -90,6 +156,8 @@ def main(argv=None) -> int:
     )  # fmt: skip
     parser.add_argument("--ema", action="store_true", help="tokenizer: take the file's EMA weights")
     parser.add_argument("--block_chunks", type=int, help="export: write blocks as block_chunks.{c}.module.{j}")
+    parser.add_argument("--seed", type=int, default=0, help="random: the init seed")
+    parser.add_argument("--res", help="random VAR transformers: image size (256) or patch_nums (1,2,3,4)")
     args = parser.parse_args(argv)
     try:
         if args.kind == "transformer":
@@ -103,6 +171,8 @@ def main(argv=None) -> int:
             summary = f"T5 encoder: {config.num_layers} layers, width {config.d_model}"
         elif args.kind == "var":
             summary = convert_var_file(args.src, args.out, args.dtype, args.scan_blocks)
+        elif args.kind == "random":
+            summary = random_checkpoint(args.src, args.out, args.seed, args.res)
         else:
             summary = export(args.src, args.out, args.block_chunks)
     except (FileNotFoundError, ValueError, ImportError) as error:
@@ -112,5 +182,9 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console_main():
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()
