@@ -208,6 +208,20 @@ class _SkipBadIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Block(grain.transforms.Map):
+    """Position j of one process's stream -> element (j // l)·P·l + p·l + j % l of the global stream."""
+
+    stream: grain.MapDataset
+    local_batch: int
+    process_index: int
+    process_count: int
+
+    def map(self, j):
+        block, row = divmod(j, self.local_batch)
+        return self.stream[(block * self.process_count + self.process_index) * self.local_batch + row]
+
+
 class SkipBad(grain.IterDataset):
     """Drops unusable records; the next good element's `skipped` says how many were dropped before it."""
 
@@ -257,13 +271,16 @@ def make_dataset(source, spec: InputSpec, process_index: int = 0, process_count:
             spec.max_pixels,
             tuple(p // spec.latent_stride for p in schedule.pixel_size),
         )
-        records = (
+        stream = (
             grain.MapDataset.source(indices)
             .shuffle(seed=spec.seed + number)
-            .repeat()[process_index::process_count]
+            .repeat()
             .map(_Lookup(source))
             .random_map(preprocess, seed=spec.seed)
         )
+        # Process p reads rows [p·l, (p+1)·l) of every global batch of the one global stream, so that the batch
+        # the processes assemble is the single-process batch, row for row (per-row randomness included).
+        records = grain.MapDataset.range(len(stream)).map(_Block(stream, local_batch, process_index, process_count))
         datasets.append(SkipBad(records.to_iter_dataset()).batch(local_batch, drop_remainder=True))
         weights.append(len(indices))
     if not datasets:

@@ -66,9 +66,30 @@ class Task:
 
 
 def maybe_initialize_distributed() -> None:
-    """`jax.distributed.initialize()` on multi-process launches only (it fails on a plain single-host run)."""
-    if os.environ.get("INFINITY_JAX_DISTRIBUTED") == "1" or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    """`jax.distributed.initialize()` on multi-process launches only (it fails on a plain single-host run).
+
+    INFINITY_JAX_DISTRIBUTED=1 lets JAX find the cluster itself (TPU pod slices, SLURM, GKE/XPK); an explicit
+    JAX_COORDINATOR_ADDRESS (host:port) with JAX_NUM_PROCESSES and JAX_PROCESS_ID starts any other group, e.g.
+    several processes of one GPU host or of a CPU machine (whose cross-process collectives are gloo's).
+    """
+    explicit = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if os.environ.get("INFINITY_JAX_DISTRIBUTED") != "1" and not explicit:
+        return
+    if jax.distributed.is_initialized():
+        return
+    if "cpu" in os.environ.get("JAX_PLATFORMS", "").split(","):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not explicit:
         jax.distributed.initialize()
+        return
+    missing = [name for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if name not in os.environ]
+    if missing:
+        raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} are not")
+    jax.distributed.initialize(
+        coordinator_address=explicit,
+        num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+        process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
 
 
 class _StopSignal:
