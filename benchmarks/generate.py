@@ -45,14 +45,14 @@ def bench_resolution(params, config, tok, text, mask, resolution, args):
         first_call = time.perf_counter() - start
         cells[decode] = (median_seconds(run, args.warmup, args.repeats), first_call)
     # FLOPs of the transformer part (generation without decode), counted from the traced program.
-    static = gen._Static(config, schedule, args.batch, True, 0, False, 0, False)
+    static = gen.Static(config, schedule, args.batch, guided=True, known=False, return_logits=False)
     cfg, tau = jnp.full((schedule.num_scales,), 4.0), jnp.full((schedule.num_scales,), 0.5)
     doubled_text, doubled_mask = jnp.concatenate([text, text]), jnp.concatenate([mask, mask])
     drop = jnp.arange(2 * args.batch) >= args.batch
 
     def transformer(p):
         return gen._generate(
-            p, jax.random.key(3), doubled_text, doubled_mask, None, drop, cfg, tau, 0, 0.97, (), None, static
+            p, jax.random.key(3), doubled_text, doubled_mask, None, drop, cfg, tau, 0, 0.97, None, None, static
         )
 
     flops = count_flops(transformer, params)

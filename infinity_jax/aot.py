@@ -153,7 +153,7 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
                        batch: int = 1, text_tokens: int = 32):  # fmt: skip
     """Lowers and compiles one guided generation (all scales, then the tokenizer's decode) for `devices`, with the
     transformer's parameters sharded by the config's rules. Returns (compiled, Report)."""
-    from infinity_jax.generate import _generate, _Static
+    from infinity_jax.generate import Static, _generate
     from infinity_jax.models.transformer import Infinity
 
     mesh = slice_mesh(config, devices, mesh_sizes)
@@ -161,7 +161,8 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
     model_config = setup.step_config.model
     schedule = schedules.infinity_schedule(template, config.schedule.resolution)
     frozen = frozen_towers.abstract(config, mesh, setup.step_config)
-    static = _Static(model_config, schedule, batch, True, 0, config.tokenizer.patchify, 0, False)
+    static = Static(model_config, schedule, batch, guided=True, known=False, return_logits=False,
+                    patchify=config.tokenizer.patchify)  # fmt: skip
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
 
     def spec(shape, dtype):
@@ -173,7 +174,7 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
     else:
         cond = (None, None, spec((rows,), np.int32))
     args = (setup.abstract_state.params, spec((), jax.random.key(0).dtype), *cond, spec((rows,), bool),
-            spec((k,), np.float32), spec((k,), np.float32), spec((), np.int32), spec((), np.float32), (),
+            spec((k,), np.float32), spec((k,), np.float32), spec((), np.int32), spec((), np.float32), None,
             frozen.tokenizer)  # fmt: skip
     Infinity(model_config).check_schedule(schedule)
     fn = functools.partial(_generate, static=static)

@@ -362,3 +362,24 @@ def test_splash_attention_in_the_model_under_a_mesh():
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.TRANSFORMER_RULES):
         got = jax.jit(lambda p: splash_model.apply({"params": p}, inputs, schedule, text, text_mask))(params)
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_cudnn_padding_leaves_masked_and_variable_length_attention_unchanged():
+    """cuDNN takes masked or variable-length attention only at lengths in multiples of its tile: the padding that
+    makes them fit (run here through XLA) must not change any real query's output."""
+    from infinity_jax.ops import attention as attn
+
+    schedule = schedules.infinity_schedule(1.0, "0.004M")  # 21 tokens
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, schedule.num_tokens, 2, 16)) for i in range(3))
+    mask = jnp.asarray(attn.block_causal_mask(schedule))[None, None]
+    padded = attn._pad(q, k, v, mask, 64)
+    assert padded[0].shape[1] == padded[3].shape[-1] == 64
+    out = jax.nn.dot_product_attention(*padded[:3], mask=padded[3], scale=0.25)
+    assert bool(jnp.isfinite(out).all())
+    np.testing.assert_allclose(out[:, :21], attn.attention(q, k, v, scale=0.25, mask=mask), atol=1e-6)
+    text = jax.random.normal(jax.random.key(5), (2, 30, 2, 16))
+    lengths = jnp.array([30, 7], jnp.int32)
+    qp, kp, vp, none = attn._pad(q, text, text, None, 64)
+    assert none is None and kp.shape[1] == 64
+    out = jax.nn.dot_product_attention(qp, kp, vp, scale=0.25, key_value_seq_lengths=lengths)[:, :21]
+    np.testing.assert_allclose(out, attn.attention(q, text, text, scale=0.25, kv_lengths=lengths), atol=1e-6)

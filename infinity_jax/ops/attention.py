@@ -17,6 +17,8 @@ import numpy as np
 from infinity_jax.schedules import Schedule
 
 IMPLEMENTATIONS = ("xla", "cudnn")
+# cuDNN's fused attention with a mask takes sequence lengths in multiples of its tile; shorter ones are padded.
+CUDNN_BLOCK = 64
 
 
 @functools.cache
@@ -53,8 +55,30 @@ def attention(
         raise ValueError(f"unknown attention implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
     dtype = query.dtype
     key, value = key.astype(dtype), value.astype(dtype)
+    length = query.shape[1]
     if mask is not None:
         mask = jnp.asarray(mask, bool)
-    return jax.nn.dot_product_attention(
+    restricted = mask is not None or kv_lengths is not None
+    if implementation == "cudnn" and restricted and (length % CUDNN_BLOCK or key.shape[1] % CUDNN_BLOCK):
+        query, key, value, mask = _pad(query, key, value, mask, CUDNN_BLOCK)
+    out = jax.nn.dot_product_attention(
         query, key, value, mask=mask, scale=scale, key_value_seq_lengths=kv_lengths, implementation=implementation
     )
+    return out[:, :length]
+
+
+def _pad(query, key, value, mask, multiple: int):
+    """Pads the sequences to a multiple of `multiple` for cuDNN's masked and variable-length kernels (they reject
+    other lengths): padded keys are masked for every query (by `mask`, or by the key lengths, which stay below
+    the padding), padded queries see key 0 only (no empty softmax row); their outputs are dropped by the caller."""
+    t, s = query.shape[1], key.shape[1]
+    pad_t, pad_s = (-t) % multiple, (-s) % multiple
+    query = jnp.pad(query, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
+    key, value = (jnp.pad(x, ((0, 0), (0, pad_s), (0, 0), (0, 0))) for x in (key, value))
+    if mask is None:
+        return query, key, value, None
+    mask = jnp.broadcast_to(mask, (*mask.shape[:2], t, s))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad_t), (0, pad_s)))
+    first_key = jnp.arange(s + pad_s) == 0
+    mask = mask.at[:, :, t:, :].set(jnp.broadcast_to(first_key, (*mask.shape[:2], pad_t, s + pad_s)))
+    return query, key, value, mask

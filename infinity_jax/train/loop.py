@@ -243,6 +243,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, make_task: Callable[...
                     if schedule in step_flops and peak:
                         values["mfu"] = step_flops[schedule] / step_time / (peak * jax.device_count())
                 values["data/skipped"] = skipped
+                stats = jax.local_devices()[0].memory_stats()  # None on CPU
+                if stats and "peak_bytes_in_use" in stats:
+                    values["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
                 extra = {"example_ids": host["id"].tolist()} if config.train.record_example_ids else None
                 writer.write(step, values, extra)
                 history.append({"step": step, **values, **(extra or {})})

@@ -22,6 +22,7 @@ CONSOLE_KEYS = (
     ("images_per_s", "{:.1f} img/s"),
     ("tokens_per_s", "{:.0f} tok/s"),
     ("mfu", "MFU {:.1%}"),
+    ("peak_gib", "peak {:.1f} GiB"),
     ("data/skipped", "skipped {:.0f}"),
 )
 

@@ -1,0 +1,159 @@
+"""Training-step throughput of an Infinity layout on one GPU host (random weights and frozen towers), against
+REFERENCE §8.2 (official, H100: 2B at 256² batch 16 11.7k tokens/s, at 512² batch 8 14.8k tokens/s).
+
+    python benchmarks/train_step.py --results benchmarks/RESULTS.md
+    python benchmarks/train_step.py --cells 0.06M:16 --attention xla,cudnn --remat nothing_saveable,dots_saveable
+
+The step is the trainer's (`train.trainer.build` / `jit_step`): the frozen d32 tokenizer encodes uint8 images and
+Bitwise Self-Correction makes the targets inside it, the frozen Flan-T5-XL-layout encoder runs on `--text_len`
+tokens (32 real, padded), the transformer trains in bf16 with fp32 AdamW state. Input comes from device arrays
+(the data pipeline is measured by the training runs). Each cell: median of --repeats steps after --warmup steps.
+FLOPs are counted from the traced step with XLA attention (cuDNN's kernel is opaque to the counter, the work is
+the same); MFU against the chip's dense bf16 peak. "targets %" is the share of the step spent in tokenizer encode +
+BSC, timed as its own jitted function on the same batch. Every cell runs in its own process, so that its peak GPU
+memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+from common import median_seconds, peak_tflops, report
+
+from infinity_jax import schedules
+from infinity_jax.cli import load_config_file
+from infinity_jax.flops import count_flops
+from infinity_jax.train import frozen as frozen_towers
+from infinity_jax.train import step as step_lib
+from infinity_jax.train import trainer
+
+OFFICIAL_TOKENS_PER_S = {("0.06M", 16): "11.7k", ("0.25M", 8): "14.8k"}  # REFERENCE §8.2, H100
+
+
+def make_config(size, resolution, batch, attention, remat, text_len, tokenizer_json, extra=""):
+    config = load_config_file(f"configs/infinity.py:size={size},res={resolution},batch={batch}{extra}")
+    config.tokenizer.checkpoint = config.text.checkpoint = "random"
+    config.text.tokenizer = tokenizer_json
+    config.text.max_length = text_len
+    config.model.attention, config.model.remat = attention, remat
+    config.train.num_steps = 1000
+    return config
+
+
+def make_batch(config, schedule):
+    rng = np.random.default_rng(0)
+    b, (h, w) = config.train.batch_size, schedule.pixel_size
+    tokens = rng.integers(1, 32000, (b, config.text.max_length)).astype(np.int32)
+    mask = np.broadcast_to(np.arange(config.text.max_length) < 32, tokens.shape)  # 32-token captions, as official
+    return {"image": rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8), "tokens": tokens, "text_mask": mask}
+
+
+def bench(config, args):
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
+    setup = trainer.build(config, mesh)
+    frozen = frozen_towers.load(config, mesh, setup.step_config)
+    schedule = schedules.infinity_schedule(1.0, config.schedule.resolution)
+    host = make_batch(config, schedule)
+    batch = {k: jax.device_put(v, setup.batch_sharding) for k, v in host.items()}
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    step, fn = trainer.jit_step(setup, schedule, frozen_shardings, batch)
+    abstract = setup.abstract_state
+    state = jax.jit(lambda key: nn.unbox(setup.init_fn(key)), out_shardings=setup.state_shardings)(jax.random.key(0))
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], frozen, batch)
+        return metrics["loss"]
+
+    with jax.set_mesh(mesh):
+        seconds = median_seconds(run, args.warmup, args.repeats)
+        targets = jax.jit(functools.partial(step_lib.make_targets, setup.step_config, schedule=schedule))
+        target_seconds = median_seconds(lambda: targets(frozen, batch, key=jax.random.key(1)).labels, 2, args.repeats)
+        if config.model.attention != "xla":  # count the same step with XLA attention (cuDNN's call is opaque)
+            xla = make_config(args.size, config.schedule.resolution, config.train.batch_size, "xla",
+                              config.model.remat, config.text.max_length, args.text_tokenizer, args.config_args)  # fmt: skip
+            xla_setup = trainer.build(xla, mesh)
+            _, fn = trainer.jit_step(xla_setup, schedule, frozen_shardings, batch)
+            abstract = xla_setup.abstract_state
+        flops = count_flops(fn, abstract, frozen, batch)
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30
+    return seconds, target_seconds, flops, peak, schedule.num_tokens
+
+
+def one_cell(args) -> None:
+    """--single RES:BATCH:ATTENTION:REMAT: measures one cell, prints one JSON line."""
+    res, batch, attention, remat = args.single.split(":")
+    config = make_config(args.size, res, int(batch), attention, remat, args.text_len, args.text_tokenizer,
+                         args.config_args)  # fmt: skip
+    seconds, target_s, flops, peak, tokens = bench(config, args)
+    print(
+        "CELL " + json.dumps({"seconds": seconds, "targets": target_s, "flops": flops, "peak": peak, "tokens": tokens})
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--single", help=argparse.SUPPRESS)
+    parser.add_argument("--size", default="infinity_2b")
+    parser.add_argument("--cells", default="0.06M:16,0.25M:8", help="resolution:batch pairs")
+    parser.add_argument("--attention", default="xla,cudnn")
+    parser.add_argument("--remat", default="nothing_saveable")
+    parser.add_argument("--text_len", type=int, default=512, help="T5 input length (512: as the official code)")
+    parser.add_argument("--text_tokenizer", default="tests/assets/t5_tokenizer/tokenizer.json")
+    parser.add_argument("--config_args", default="", help="more config arguments, e.g. ,tokenizer=tiny,t5=tiny")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--results")
+    args = parser.parse_args(argv)
+    if args.single:
+        return one_cell(args)
+
+    device = jax.devices()[0]
+    peak_tf = peak_tflops(device)
+    rows = [
+        "| res | batch | attention | remat | T5 len | s/step | tokens/s | images/s | TFLOP/step | TFLOP/s | MFU | "
+        "targets % | peak GiB | official tokens/s (H100) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    cells = [c.split(":") for c in args.cells.split(",")]
+    for (res, batch), attention, remat in itertools.product(cells, args.attention.split(","), args.remat.split(",")):
+        command = [sys.executable, __file__, "--single", f"{res}:{batch}:{attention}:{remat}", "--size", args.size,
+                   "--text_len", str(args.text_len), "--text_tokenizer", args.text_tokenizer, "--warmup",
+                   str(args.warmup), "--repeats", str(args.repeats), "--config_args", args.config_args]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        found = [line for line in done.stdout.splitlines() if line.startswith("CELL ")]
+        if done.returncode or not found:  # one failing cell (e.g. out of memory) should not lose the others
+            errors = [line for line in done.stderr.splitlines() if "Error" in line] or ["?"]
+            last = errors[-1][:100]
+            rows.append(f"| {res} | {batch} | {attention} | {remat} | {args.text_len} | failed: {last} |||||||||")
+            print(rows[-1], flush=True)
+            continue
+        cell = json.loads(found[-1][5:])
+        seconds, target_s, flops, peak, tokens = (cell[k] for k in ("seconds", "targets", "flops", "peak", "tokens"))
+        tflops = flops / seconds / 1e12
+        mfu = f"{tflops / peak_tf:.0%}" if peak_tf else "–"
+        rows.append(
+            f"| {res} | {batch} | {attention} | {remat} | {args.text_len} | {seconds:.3f} | "
+            f"{int(batch) * tokens / seconds / 1e3:.1f}k | {int(batch) / seconds:.1f} | {flops / 1e12:.1f} | "
+            f"{tflops:.0f} | {mfu} | {target_s / seconds:.0%} | {peak:.1f} | "
+            f"{OFFICIAL_TOKENS_PER_S.get((res, int(batch)), '–')} |"
+        )
+        print(rows[-1], flush=True)
+    versions = f"jax {jax.__version__}"
+    description = (
+        f"Device: {device.device_kind}; {versions}. {args.size}, random weights, bf16 compute, fp32 params/AdamW, "
+        f"scanned blocks; d32 tokenizer + BSC and Flan-T5-XL layout inside the step; median of {args.repeats} steps."
+    )
+    report(f"Training step, {args.size}", description, rows, args.results)
+
+
+if __name__ == "__main__":
+    main()
