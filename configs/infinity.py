@@ -13,6 +13,15 @@ Training (the tokenizer and T5 weights are frozen; give converted/official files
         --config.data.path=data/train.jsonl --config.tokenizer.checkpoint=infinity_vae_d32reg.pth \\
         --config.text.checkpoint=flan-t5-xl/
 
+Launch (measured: 2B at 256², batch 16, cuDNN attention, on one H200: 0.449 s/step, 18.6k tokens/s, 63 GiB peak;
+at 512², batch 8: 0.986 s/step, 94 GiB; benchmarks/RESULTS.md):
+
+    launch/gpu_host.sh -- python -m infinity_jax.train --config configs/infinity.py:size=2b,res=0.06M,batch=16 \
+        --workdir runs/2b --config.model.attention=cudnn --config.data.path=data/train.jsonl …
+    launch/tpu_setup.sh my-v5p-128 us-east5-a && launch/tpu_run.sh my-v5p-128 us-east5-a -- \
+        python -m infinity_jax.train --config configs/infinity.py:size=2b,res=0.06M,batch=256 --workdir gs://b/2b \
+        --config.mesh.data=1 --config.mesh.fsdp=-1 --config.model.attention=splash …
+
 Before renting a slice, compile the step for it here (needs libtpu; per-chip memory, FLOPs, predicted time). For
 the 2B layout at 256², batch 256 on v5p:4x4x4 with pure FSDP: 5.2 GiB of 95 per chip, ~0.21 s/step at 45 % MFU:
 

