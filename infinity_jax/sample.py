@@ -26,7 +26,6 @@ import sys
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +36,6 @@ from infinity_jax import editing, images, quantizer, schedules
 from infinity_jax.convert import converted
 from infinity_jax.generate import generate, on_scale
 from infinity_jax.generate_var import generate_var
-from infinity_jax.models.bsq_vae import get_tokenizer_config
 from infinity_jax.models.t5 import T5Config, T5Encoder, get_t5_layout
 from infinity_jax.models.transformer import TransformerConfig
 from infinity_jax.models.vqvae import VQVAES, VQTokenizer
@@ -164,9 +162,9 @@ def load_tokenizer(spec: str, seed: int = 0):
     """A converted tokenizer or VQ-VAE folder, an official .pth (BSQ-VAE), or random:NAME."""
     name = _random(spec, "tokenizer")
     if name is not None:
-        if name in VQVAES:
-            return VQTokenizer.init(VQVAES[name], jax.random.key(seed))
-        return Tokenizer.init(get_tokenizer_config(name), jax.random.key(seed))
+        kind = "vqvae" if name in VQVAES else "tokenizer"
+        layout, params = converted.random_params(kind, name, seed)
+        return (VQTokenizer if kind == "vqvae" else Tokenizer)(params, layout)
     if os.path.isdir(spec):
         loaded = converted.load(spec)
         if loaded.kind == "vqvae":
@@ -192,10 +190,7 @@ def load_text(spec: str, tokenizer_spec: str, seed: int = 0) -> TextEncoder:
 
     name = _random(spec, "t5")
     if name is not None:
-        config = get_t5_layout(name)
-        tokens = jnp.zeros((1, 2), jnp.int32)
-        params = jax.jit(lambda k: T5Encoder(config).init(k, tokens, tokens > 0)["params"])(jax.random.key(seed + 1))
-        params = nn.unbox(params)
+        config, params = converted.random_params("t5", name, seed + 1)
     elif os.path.isdir(os.path.join(spec, "params")):
         loaded = converted.load(spec)
         params, config = loaded.params, loaded.layout

@@ -19,7 +19,6 @@ converted checkpoint (or one exported from a run) back as an official state dict
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 
 from infinity_jax.convert import common, converted
@@ -27,7 +26,7 @@ from infinity_jax.convert import t5 as convert_t5
 from infinity_jax.convert import tokenizer as convert_tokenizer
 from infinity_jax.convert import transformer as convert_transformer
 from infinity_jax.convert import vqvae as convert_vqvae
-from infinity_jax.schedules import Schedule, var_schedule
+from infinity_jax.schedules import var_schedule
 
 
 def convert_transformer_state(state, src: str, out: str, dtype: str, scan_blocks: bool) -> str:
@@ -98,48 +97,16 @@ def _overrides(text: str) -> dict:
 
 
 def random_checkpoint(spec: str, out: str, seed: int, resolution) -> str:
-    """Writes random weights of "KIND:NAME[:field=value,…]" as a converted checkpoint (the layouts' own init)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from infinity_jax.models.bsq_vae import get_tokenizer_config
-    from infinity_jax.models.t5 import T5Encoder, get_t5_layout
-    from infinity_jax.models.transformer import Infinity, TransformerConfig
-    from infinity_jax.models.vqvae import VQVAES, VQTokenizer
-    from infinity_jax.tokenizer import Tokenizer
-
+    """Writes random weights of "KIND:NAME[:field=value,…]" as a converted checkpoint."""
     kind, _, rest = spec.partition(":")
     name, _, fields = rest.partition(":")
-    key = jax.random.key(seed)
-    overrides = _overrides(fields)
     resolution = resolution or 256
     if isinstance(resolution, str):  # "512", or VAR patch_nums "1,2,3,4"
         resolution = int(resolution) if resolution.isdigit() else [int(p) for p in resolution.split(",")]
-    if kind == "transformer":
-        schedule = var_schedule(resolution) if name.startswith("var") else None
-        config = TransformerConfig.from_size(name, schedule=schedule, **overrides)
-        cond = {"labels": jnp.zeros((1,), jnp.int32)} if config.cond == "class" else {
-            "text": jnp.zeros((1, 1, config.text_dim)), "text_mask": jnp.ones((1, 1), bool)}  # fmt: skip
-        init = lambda k: Infinity(config).init(k, jnp.zeros((1, 0, config.bits)), Schedule(((1, 1),)), **cond)  # noqa: E731
-        params = nn.unbox(jax.jit(init)(key)["params"])
-        converted.save(out, "transformer", config, params, source=spec, resolution=resolution if config.vocab else None)
-        return f"random {name} transformer ({sum(x.size for x in jax.tree.leaves(params)):,} parameters)"
-    if kind == "tokenizer":
-        tokenizer = jax.jit(functools.partial(Tokenizer.init, get_tokenizer_config(name)))(key)
-        converted.save(out, "tokenizer", tokenizer.config, tokenizer.params, source=spec)
-        return f"random {name} tokenizer"
-    if kind == "vqvae":
-        vq = jax.jit(functools.partial(VQTokenizer.init, VQVAES[name]))(key)
-        converted.save(out, "vqvae", vq.config, vq.params, source=spec)
-        return f"random {name} VQ-VAE"
-    if kind == "t5":
-        config = get_t5_layout(name)
-        tokens = jnp.zeros((1, 2), jnp.int32)
-        params = nn.unbox(jax.jit(lambda k: T5Encoder(config).init(k, tokens, tokens > 0)["params"])(key))
-        converted.save(out, "t5", config, params, source=spec)
-        return f"random {name} T5"
-    raise ValueError(f"random checkpoints are transformer:, tokenizer:, vqvae: or t5:NAME, got {spec!r}")
+    layout, params = converted.random_params(kind, name, seed, _overrides(fields), resolution)
+    var = kind == "transformer" and layout.vocab
+    converted.save(out, kind, layout, params, source=spec, resolution=resolution if var else None)
+    return f"random {name} {kind}"
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ be stored with scanned ("layers") or looped ("block_i") blocks; `relayout` conve
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, NamedTuple
@@ -130,3 +131,35 @@ def load_transformer(path: str, config: TransformerConfig, abstract):
         return checkpoint.load_params(path, abstract)
     params = relayout(checkpoint.load_params(path, None), config.scan_blocks, config.depth)
     return jax.device_put(jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), params, abstract), shardings)
+
+
+def random_params(kind: str, name: str, seed: int = 0, overrides: dict | None = None, resolution=256):
+    """(layout, params) of random weights of a named layout ("transformer", "tokenizer", "vqvae" or "t5"; the
+    layouts' own init). `resolution`: VAR transformers' image size or patch_nums."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from infinity_jax.models.bsq_vae import get_tokenizer_config
+    from infinity_jax.models.t5 import T5Encoder, get_t5_layout
+    from infinity_jax.models.transformer import Infinity, TransformerConfig
+    from infinity_jax.models.vqvae import VQVAES, VQTokenizer
+    from infinity_jax.tokenizer import Tokenizer
+
+    key = jax.random.key(seed)
+    if kind == "transformer":
+        schedule = var_schedule(resolution) if name.startswith("var") else None
+        config = TransformerConfig.from_size(name, schedule=schedule, **(overrides or {}))
+        cond = {"labels": jnp.zeros((1,), jnp.int32)} if config.cond == "class" else {
+            "text": jnp.zeros((1, 1, config.text_dim)), "text_mask": jnp.ones((1, 1), bool)}  # fmt: skip
+        init = lambda k: Infinity(config).init(k, jnp.zeros((1, 0, config.bits)), Schedule(((1, 1),)), **cond)  # noqa: E731
+        return config, nn.unbox(jax.jit(init)(key)["params"])
+    if kind in ("tokenizer", "vqvae"):
+        cls, layout = (Tokenizer, get_tokenizer_config(name)) if kind == "tokenizer" else (VQTokenizer, VQVAES[name])
+        made = jax.jit(functools.partial(cls.init, layout))(key)
+        return made.config, made.params
+    if kind == "t5":
+        config = get_t5_layout(name)
+        tokens = jnp.zeros((1, 2), jnp.int32)
+        return config, nn.unbox(jax.jit(lambda k: T5Encoder(config).init(k, tokens, tokens > 0)["params"])(key))
+    raise ValueError(f"random weights are for transformer, tokenizer, vqvae or t5 layouts, not {kind!r}")
