@@ -16,7 +16,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from common import median_seconds, peak_tflops, report
+from common import kernel_profile, median_seconds, peak_tflops, report
 
 from infinity_jax import generate as gen
 from infinity_jax import schedules
@@ -58,6 +58,11 @@ def bench_resolution(params, config, tok, text, mask, resolution, args):
     flops = count_flops(transformer, params)
     mem = jax.devices()[0].memory_stats()
     peak_gib = (mem or {}).get("peak_bytes_in_use", 0) / 2**30
+    if args.profile:
+        rows = kernel_profile(lambda: run(True), f"{args.profile}/{resolution}")
+        print(
+            f"\nWhere the time goes, {resolution} with decode (one call, GPU kernels):\n" + "\n".join(rows), flush=True
+        )
     return resolution, schedule.pixel_size[0], schedule.num_tokens, cells, flops, peak_gib
 
 
@@ -70,6 +75,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--as-trained", action="store_true", help="float32 weights cast in each call, blocks as configured (--no-scan)"
+    )
+    parser.add_argument("--profile", help="folder for one profiled call per resolution; prints its top kernels")
     parser.add_argument("--results")
     args = parser.parse_args(argv)
 
@@ -88,6 +97,8 @@ def main(argv=None):
         )
     )
     params = nn.unbox(init()["params"])
+    if not args.as_trained:
+        params, config = gen.for_inference(params, config)  # unrolled bf16 blocks
     tok = Tokenizer.init(TOKENIZERS["d32reg"], jax.random.key(2), dtype=jnp.bfloat16)
     device = jax.devices()[0]
     peak = peak_tflops(device)
@@ -105,8 +116,9 @@ def main(argv=None):
             f"{tflops:.0f} | {mfu} | {mem:.1f} | {OFFICIAL_SECONDS.get(resolution, '–')} |"
         )
     description = (
-        f"Device: {device.device_kind}; jax {jax.__version__}; bf16 blocks, attention {args.attention}, "
-        f"{'unrolled' if args.no_scan else 'scanned'} blocks; 32 text tokens, cfg 4, tau 0.5, top_p 0.97; random weights; "
+        f"Device: {device.device_kind}; jax {jax.__version__}; bf16 blocks "
+        f"({'float32 weights cast in each call' if args.as_trained else 'generate.for_inference: bf16 weights'}), attention {args.attention}, "
+        f"{'scanned' if config.scan_blocks else 'unrolled'} blocks; 32 text tokens, cfg 4, tau 0.5, top_p 0.97; random weights; "
         f"median of {args.repeats} after {args.warmup} warm-up calls. Official: REFERENCE §8.2 (torch, same H100 kind)."
     )
     report(f"Generation latency, {args.size}, batch {args.batch} with CFG", description, lines, args.results)

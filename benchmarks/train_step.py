@@ -8,8 +8,9 @@ The step is the trainer's (`train.trainer.build` / `jit_step`): the frozen d32 t
 Bitwise Self-Correction makes the targets inside it, the frozen Flan-T5-XL-layout encoder runs on `--text_len`
 tokens (32 real, padded), the transformer trains in bf16 with fp32 AdamW state. Input comes from device arrays
 (the data pipeline is measured by the training runs). Each cell: median of --repeats steps after --warmup steps.
-FLOPs are counted from the traced step with XLA attention (cuDNN's kernel is opaque to the counter, the work is
-the same); MFU against the chip's dense bf16 peak. "targets %" is the share of the step spent in tokenizer encode +
+Model FLOPs are counted from the traced step with XLA attention (cuDNN's kernel is opaque to the counter, the work
+is the same) and without rematerialisation (recomputation is not model work); MFU against the chip's dense bf16
+peak. "targets %" is the share of the step spent in tokenizer encode +
 BSC, timed as its own jitted function on the same batch. Every cell runs in its own process, so that its peak GPU
 memory is its own.
 """
@@ -26,7 +27,7 @@ import sys
 import flax.linen as nn
 import jax
 import numpy as np
-from common import median_seconds, peak_tflops, report
+from common import kernel_profile, median_seconds, peak_tflops, report
 
 from infinity_jax import schedules
 from infinity_jax.cli import load_config_file
@@ -48,20 +49,26 @@ def make_config(size, resolution, batch, attention, remat, text_len, tokenizer_j
     return config
 
 
-def make_batch(config, schedule):
+def make_batch(config, schedule, text):
+    """uint8 images and 32-token captions (as the official measurement): T5 token ids for the encoder inside the
+    step, or T5 features [B, T, 2048], which is what the official train_step receives."""
     rng = np.random.default_rng(0)
-    b, (h, w) = config.train.batch_size, schedule.pixel_size
-    tokens = rng.integers(1, 32000, (b, config.text.max_length)).astype(np.int32)
-    mask = np.broadcast_to(np.arange(config.text.max_length) < 32, tokens.shape)  # 32-token captions, as official
-    return {"image": rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8), "tokens": tokens, "text_mask": mask}
+    b, (h, w), t = config.train.batch_size, schedule.pixel_size, config.text.max_length
+    batch = {"image": rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8)}
+    batch["text_mask"] = np.broadcast_to(np.arange(t) < 32, (b, t))
+    if text == "features":
+        batch["text"] = rng.standard_normal((b, t, config.model.text_dim), dtype=np.float32)
+    else:
+        batch["tokens"] = rng.integers(1, 32000, (b, t)).astype(np.int32)
+    return batch
 
 
-def bench(config, args):
+def bench(config, args, text):
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
     setup = trainer.build(config, mesh)
     frozen = frozen_towers.load(config, mesh, setup.step_config)
     schedule = schedules.infinity_schedule(1.0, config.schedule.resolution)
-    host = make_batch(config, schedule)
+    host = make_batch(config, schedule, text)
     batch = {k: jax.device_put(v, setup.batch_sharding) for k, v in host.items()}
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     step, fn = trainer.jit_step(setup, schedule, frozen_shardings, batch)
@@ -75,11 +82,15 @@ def bench(config, args):
 
     with jax.set_mesh(mesh):
         seconds = median_seconds(run, args.warmup, args.repeats)
+        if args.profile:
+            print("PROFILE " + json.dumps(kernel_profile(run, args.profile)), flush=True)
         targets = jax.jit(functools.partial(step_lib.make_targets, setup.step_config, schedule=schedule))
         target_seconds = median_seconds(lambda: targets(frozen, batch, key=jax.random.key(1)).labels, 2, args.repeats)
-        if config.model.attention != "xla":  # count the same step with XLA attention (cuDNN's call is opaque)
+        # Model FLOPs: the same step with XLA attention (cuDNN's call is opaque to the counter) and without
+        # rematerialisation (recomputed forwards are not model FLOPs: MFU, not hardware FLOPs utilisation).
+        if (config.model.attention, config.model.remat) != ("xla", "none"):
             xla = make_config(args.size, config.schedule.resolution, config.train.batch_size, "xla",
-                              config.model.remat, config.text.max_length, args.text_tokenizer, args.config_args)  # fmt: skip
+                              "none", config.text.max_length, args.text_tokenizer, args.config_args)  # fmt: skip
             xla_setup = trainer.build(xla, mesh)
             _, fn = trainer.jit_step(xla_setup, schedule, frozen_shardings, batch)
             abstract = xla_setup.abstract_state
@@ -90,10 +101,10 @@ def bench(config, args):
 
 def one_cell(args) -> None:
     """--single RES:BATCH:ATTENTION:REMAT: measures one cell, prints one JSON line."""
-    res, batch, attention, remat = args.single.split(":")
+    res, batch, attention, remat, text = args.single.split(":")
     config = make_config(args.size, res, int(batch), attention, remat, args.text_len, args.text_tokenizer,
                          args.config_args)  # fmt: skip
-    seconds, target_s, flops, peak, tokens = bench(config, args)
+    seconds, target_s, flops, peak, tokens = bench(config, args, text)
     print(
         "CELL " + json.dumps({"seconds": seconds, "targets": target_s, "flops": flops, "peak": peak, "tokens": tokens})
     )
@@ -107,10 +118,17 @@ def main(argv=None):
     parser.add_argument("--attention", default="xla,cudnn")
     parser.add_argument("--remat", default="nothing_saveable")
     parser.add_argument("--text_len", type=int, default=512, help="T5 input length (512: as the official code)")
+    parser.add_argument(
+        "--text",
+        default="t5",
+        help="t5: the frozen T5 encoder runs inside the step; features: the step gets T5 features (as the official "
+        "train_step, whose T5 runs outside it); or both, comma-separated",
+    )
     parser.add_argument("--text_tokenizer", default="tests/assets/t5_tokenizer/tokenizer.json")
     parser.add_argument("--config_args", default="", help="more config arguments, e.g. ,tokenizer=tiny,t5=tiny")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profile", help="folder for one profiled step per cell; prints its top kernels")
     parser.add_argument("--results")
     args = parser.parse_args(argv)
     if args.single:
@@ -119,29 +137,38 @@ def main(argv=None):
     device = jax.devices()[0]
     peak_tf = peak_tflops(device)
     rows = [
-        "| res | batch | attention | remat | T5 len | s/step | tokens/s | images/s | TFLOP/step | TFLOP/s | MFU | "
+        "| res | batch | attention | remat | text (len) | s/step | tokens/s | images/s | TFLOP/step | TFLOP/s | MFU | "
         "targets % | peak GiB | official tokens/s (H100) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cells = [c.split(":") for c in args.cells.split(",")]
-    for (res, batch), attention, remat in itertools.product(cells, args.attention.split(","), args.remat.split(",")):
-        command = [sys.executable, __file__, "--single", f"{res}:{batch}:{attention}:{remat}", "--size", args.size,
+    grid = itertools.product(cells, args.attention.split(","), args.remat.split(","), args.text.split(","))
+    for (res, batch), attention, remat, text in grid:
+        command = [sys.executable, __file__, "--single", f"{res}:{batch}:{attention}:{remat}:{text}", "--size", args.size,
                    "--text_len", str(args.text_len), "--text_tokenizer", args.text_tokenizer, "--warmup",
                    str(args.warmup), "--repeats", str(args.repeats), "--config_args", args.config_args]  # fmt: skip
+        if args.profile:
+            command += ["--profile", f"{args.profile}/{res}-{batch}-{attention}-{remat}-{text}"]
         done = subprocess.run(command, capture_output=True, text=True)
         found = [line for line in done.stdout.splitlines() if line.startswith("CELL ")]
         if done.returncode or not found:  # one failing cell (e.g. out of memory) should not lose the others
             errors = [line for line in done.stderr.splitlines() if "Error" in line] or ["?"]
             last = errors[-1][:100]
-            rows.append(f"| {res} | {batch} | {attention} | {remat} | {args.text_len} | failed: {last} |||||||||")
+            rows.append(
+                f"| {res} | {batch} | {attention} | {remat} | {text} {args.text_len} | failed: {last} |||||||||"
+            )
             print(rows[-1], flush=True)
             continue
+        for line in done.stdout.splitlines():
+            if line.startswith("PROFILE "):
+                print(f"\nWhere the step's time goes ({res}, batch {batch}, {attention}, {remat}, {text}):", flush=True)
+                print("\n".join(json.loads(line[8:])) + "\n", flush=True)
         cell = json.loads(found[-1][5:])
         seconds, target_s, flops, peak, tokens = (cell[k] for k in ("seconds", "targets", "flops", "peak", "tokens"))
         tflops = flops / seconds / 1e12
         mfu = f"{tflops / peak_tf:.0%}" if peak_tf else "–"
         rows.append(
-            f"| {res} | {batch} | {attention} | {remat} | {args.text_len} | {seconds:.3f} | "
+            f"| {res} | {batch} | {attention} | {remat} | {text} {args.text_len} | {seconds:.3f} | "
             f"{int(batch) * tokens / seconds / 1e3:.1f}k | {int(batch) / seconds:.1f} | {flops / 1e12:.1f} | "
             f"{tflops:.0f} | {mfu} | {target_s / seconds:.0%} | {peak:.1f} | "
             f"{OFFICIAL_TOKENS_PER_S.get((res, int(batch)), '–')} |"

@@ -14,7 +14,8 @@ Training (the tokenizer and T5 weights are frozen; give converted/official files
         --config.text.checkpoint=flan-t5-xl/
 
 Launch (measured: 2B at 256², batch 16, cuDNN attention, on one H200: 0.449 s/step, 18.6k tokens/s, 63 GiB peak;
-at 512², batch 8: 0.986 s/step, 94 GiB; benchmarks/RESULTS.md):
+at 512², batch 8: 0.986 s/step, 94 GiB; with --config.model.remat=dots_saveable, the faster choice where memory
+allows: 0.416 s/step (20.0k tokens/s) and 0.912 s/step (22.1k tokens/s), same peaks; benchmarks/RESULTS.md):
 
     launch/gpu_host.sh -- python -m infinity_jax.train --config configs/infinity.py:size=2b,res=0.06M,batch=16 \
         --workdir runs/2b --config.model.attention=cudnn --config.data.path=data/train.jsonl …

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from infinity_jax import editing, images, quantizer, schedules
 from infinity_jax.convert import converted
-from infinity_jax.generate import generate, on_scale
+from infinity_jax.generate import for_inference, generate, on_scale
 from infinity_jax.generate_var import generate_var
 from infinity_jax.models.t5 import T5Config, T5Encoder, get_t5_layout
 from infinity_jax.models.transformer import TransformerConfig
@@ -227,8 +227,19 @@ def load_run(workdir: str):
     return transformer_config(config), restored.state["params"], config
 
 
+PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
+
+
 def build(args) -> Sampler:
-    """The Sampler that the command-line arguments describe."""
+    """The Sampler that the command-line arguments describe, its blocks in --precision."""
+    sampler = _build(args)
+    params, config = for_inference(
+        sampler.params, dataclasses.replace(sampler.config, dtype=PRECISIONS[args.precision])
+    )
+    return dataclasses.replace(sampler, config=config, params=params)
+
+
+def _build(args) -> Sampler:
     if args.run:
         from infinity_jax.train import frozen
 
@@ -320,6 +331,12 @@ def parse_args(argv=None):
     how.add_argument("--top_p", type=float, default=0.0)
     how.add_argument("--seed", type=int, default=0)
     how.add_argument("--batch", type=int, default=4)
+    how.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="bf16",
+        help="the blocks' weights and matmuls (bf16: as the official sampler; the rest stays fp32)",
+    )
     edit = parser.add_argument_group("zero-shot editing")
     edit.add_argument("--edit", help="an image to edit (in-/out-painting, or class-conditional editing with VAR)")
     edit.add_argument("--mask", help="a mask image: white = regenerate")

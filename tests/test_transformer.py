@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from infinity_jax import quantizer, schedules, sharding
-from infinity_jax.generate import generate, sample_bits
+from infinity_jax.generate import for_inference, generate, sample_bits
 from infinity_jax.models import sizes
 from infinity_jax.models.bsq_vae import TokenizerConfig
 from infinity_jax.models.transformer import Infinity, TransformerConfig
@@ -124,6 +124,30 @@ def test_scanned_rematerialised_blocks_equal_the_loop():
     looped, stacked = run(random_params(TINY), TINY), run(params, scanned)
     np.testing.assert_allclose(np.asarray(stacked.logits[-1]), np.asarray(looped.logits[-1]), atol=1e-5)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+def test_inference_layout_casts_only_the_blocks():
+    from infinity_jax.convert.transformer import stack_blocks
+
+    params = random_params(TINY)
+    same, config = for_inference(params, TINY)
+    assert same is params and config == TINY  # float32: nothing to change
+    scanned = dataclasses.replace(TINY, dtype="bfloat16", scan_blocks=True, remat="nothing_saveable")
+    cast, bf16 = for_inference(stack_blocks(params, TINY.depth), scanned)
+    assert (bf16.scan_blocks, bf16.remat, bf16.dtype) == (True, "none", "bfloat16")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cast):
+        in_blocks = path[0].key == "blocks"
+        assert leaf.dtype == (jnp.bfloat16 if in_blocks else jnp.float32), jax.tree_util.keystr(path)
+    # The blocks' matmuls ran in bf16 before as well: casting once changes only the float32 leaves of the blocks
+    # (norms, AdaLN table, biases), so the logits stay within bf16 rounding of the float32 model's.
+    bits, _ = ground_truth(TINY, SQUARE)
+    cond = conditioning(TINY)
+    run = functools.partial(
+        generate, schedule=SQUARE, key=jax.random.key(0), **cond, teacher_bits=bits, return_logits=True
+    )
+    exact, fast = run(params, TINY).logits[-1], run(cast, bf16).logits[-1]
+    error = float(jnp.linalg.norm(fast - exact) / jnp.linalg.norm(exact))
+    assert 0 < error < 3e-2, error
 
 
 def test_guidance_on_logits_with_per_scale_cfg_and_tau_and_negative_prompts():
