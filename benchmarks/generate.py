@@ -52,7 +52,7 @@ def bench_resolution(params, config, tok, text, mask, resolution, args):
 
     def transformer(p):
         return gen._generate(
-            p, jax.random.key(3), doubled_text, doubled_mask, None, drop, cfg, tau, 0, 0.97, None, None, static
+            p, jax.random.key(3), doubled_text, doubled_mask, None, drop, cfg, tau, 0, 0.97, None, None, None, static
         )
 
     flops = count_flops(transformer, params)

@@ -70,6 +70,7 @@ def get_config(arg=None):
     config.data = config_lib.data_config()
     config.data.templates = (1.0,) if tiny else config.data.templates
     config.train = config_lib.train_config(batch_size=arg.batch)
+    config.eval = config_lib.eval_config()
     config.optim = config_lib.optim_config()
     config.mesh = config_lib.mesh_config()
     config.sharding = config_lib.sharding_config()

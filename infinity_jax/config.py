@@ -139,8 +139,26 @@ def train_config(batch_size: int = 16, num_steps: int = 100_000) -> ml_collectio
             "init_from": "",
             "record_example_ids": False,
             "count_flops": True,
+            "eval_every": 0,  # > 0: held-out evaluation every n steps and at the end (needs data.holdout_every)
         }
     )
+
+
+def eval_config() -> ml_collections.ConfigDict:
+    """The transformer's `eval` section (held-out loss per scale; infinity_jax/eval/next_scale.py)."""
+    return ml_collections.ConfigDict(
+        {
+            "batch_size": 0,  # 0: the training batch
+            "num_examples": 0,  # held-out records evaluated (0: all)
+            "bsc_strength": 0.0,  # BSC on the held-out targets (the official validation option is 0.2)
+            "free_running": False,  # also score the model on its own earlier scales
+        }
+    )
+
+
+def sweep_config(sizes: str, tokens: float, flops: float = 0.0, evals: int = 8) -> ml_collections.ConfigDict:
+    """The `sweep` section of a scaling study (infinity_jax/scaling/sweep.py): sizes and the budget of each."""
+    return ml_collections.ConfigDict({"sizes": sizes, "tokens": float(tokens), "flops": float(flops), "evals": evals})
 
 
 def optim_config() -> ml_collections.ConfigDict:

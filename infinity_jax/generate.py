@@ -27,19 +27,22 @@ from jax.experimental import io_callback
 from infinity_jax import editing, quantizer
 from infinity_jax.models.transformer import Infinity, TransformerConfig, init_cache
 from infinity_jax.ops.patchify import pixel_shuffle, pixel_unshuffle
-from infinity_jax.ops.resize import bilinear_resize
+from infinity_jax.ops.resize import area_resize, bilinear_resize
 from infinity_jax.schedules import Schedule
 from infinity_jax.tokenizer import Tokenizer
 
 
 class Generation(NamedTuple):
     """bits: per scale [B, h, w, bits] int32; latent: [B, H, W, d] on the tokenizer's grid; images: [B, H·s, W·s, 3]
-    in [-1, 1] when a tokenizer was given; logits: per scale [B, h·w, bits, 2] (after tau and guidance) on request."""
+    in [-1, 1] when a tokenizer was given; logits: per scale [B, h·w, bits, 2] (after tau and guidance) on request;
+    labels: per scale [B, h, w, bits], the bits of a target latent's residual after the scales drawn so far (given
+    `target_latent`; the labels Bitwise Self-Correction trains towards, with the model's own errors as flips)."""
 
     bits: tuple[jax.Array, ...]
     latent: jax.Array
     images: jax.Array | None
     logits: tuple[jax.Array, ...] | None
+    labels: tuple[jax.Array, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,7 @@ class Static:
     cfg_layer: int = 0
     patchify: bool = False
     progress: bool = False  # report each finished scale to the `on_scale` callbacks (from inside the compiled loop)
+    targets: bool = False  # requantize a target latent's residual at every scale (`Generation.labels`)
 
 
 _SCALE_CALLBACKS: list[Callable[[int], None]] = []
@@ -102,7 +106,16 @@ def sample_bits(uniform: jax.Array, logits: jax.Array, top_k=0, top_p=0.0) -> ja
     return (uniform < jax.nn.softmax(jnp.where(remove, -jnp.inf, logits), axis=-1)[..., 1]).astype(jnp.int32)
 
 
-def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p, known, tokenizer, static: Static):
+def _residual_bits(target, latent, grid, last: bool, patchify: bool):
+    """The bits of what `latent` still misses of `target` ([B, H, W, d] on the tokenizer grid) at one scale: the
+    residual area-downsampled to `grid` (except at the last scale), quantized as the tokenizer's labels."""
+    residual = target - latent
+    bits = quantizer.quantize(residual if last else area_resize(residual, grid)).bits
+    return pixel_unshuffle(bits) if patchify else bits
+
+
+def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p, known, tokenizer, target,
+              static: Static):  # fmt: skip
     c, schedule, batch = static.config, static.schedule, static.batch
     model = Infinity(c)
 
@@ -115,7 +128,7 @@ def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p
     x = apply(condition.cond, method=Infinity.sos)
     vae_schedule = schedule.upsampled(2) if static.patchify else schedule
     latent = 0.0
-    all_bits, all_logits = [], []
+    all_bits, all_logits, all_labels = [], [], []
     # One draw for every bit of every scale: a random op per scale would cost a compile and a launch each.
     uniforms = jax.random.uniform(key, (batch, schedule.num_tokens, c.bits))
     for k, (h, w) in enumerate(schedule.scales):
@@ -131,6 +144,9 @@ def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p
         bits = sample_bits(uniform, logits, top_k, top_p).reshape(batch, h, w, c.bits)
         if static.known:
             bits = jnp.where(known[1][k][..., None], known[0][k], bits)
+        if static.targets:
+            last = k + 1 == schedule.num_scales
+            all_labels.append(_residual_bits(target, latent, vae_schedule.scales[k], last, static.patchify))
         all_bits.append(bits)
         all_logits.append(logits)
         report_scale(static, k)
@@ -142,7 +158,8 @@ def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p
             x = apply(nxt.reshape(batch, -1, c.bits), method=Infinity.embed)
             x = jnp.concatenate([x, x]) if static.guided else x
     images = tokenizer.decode_latent(latent) if tokenizer is not None else None
-    return Generation(tuple(all_bits), latent, images, tuple(all_logits) if static.return_logits else None)
+    logits = tuple(all_logits) if static.return_logits else None
+    return Generation(tuple(all_bits), latent, images, logits, tuple(all_labels) if static.targets else None)
 
 
 def for_inference(params, config: TransformerConfig):
@@ -194,6 +211,7 @@ def generate(
     known_masks: Sequence[jax.Array] = (),
     return_logits: bool = False,
     progress: bool = False,
+    target_latent: jax.Array | None = None,
 ) -> Generation:
     """Generates one batch for one schedule.
 
@@ -213,6 +231,9 @@ def generate(
         e.g. `editing.scale_masks` of the region to keep and the image's own bits): zero-shot editing.
       return_logits: also return each scale's logits.
       progress: call the `on_scale` callbacks as each scale finishes.
+      target_latent: [B, H, W, d] a latent on the tokenizer's grid (e.g. a held-out image's): also return, per
+        scale, the labels of its residual given the scales drawn before (`Generation.labels`), so that a loss
+        against them measures the model on its own earlier samples rather than on ground-truth ones.
     """
     Infinity(config).check_schedule(schedule)
     text, text_mask, labels = check_conditioning(config, text, text_mask, labels)
@@ -245,14 +266,20 @@ def generate(
         else:
             labels = jnp.concatenate([labels, labels])
     known = known_tokens(teacher_bits, known_bits, known_masks, schedule, batch, (config.bits,), "bits")
+    if target_latent is not None:
+        grid = (schedule.upsampled(2) if patchify else schedule).grid
+        target_latent = jnp.asarray(target_latent, jnp.float32)
+        if target_latent.shape[:3] != (batch, *grid):
+            raise ValueError(f"target_latent must be [{batch}, {grid[0]}, {grid[1]}, d], got {target_latent.shape}")
     static = Static(
         config, schedule, batch, guided, known is not None, return_logits, cfg_layer if guided else 0, bool(patchify),
-        progress,
+        progress, target_latent is not None,
     )  # fmt: skip
     top_k, top_p = jnp.int32(top_k), jnp.float32(top_p)
     return _compiled(static)(
-        params, key, text, text_mask, labels, drop, cfg_values, tau_values, top_k, top_p, known, tokenizer
-    )
+        params, key, text, text_mask, labels, drop, cfg_values, tau_values, top_k, top_p, known, tokenizer,
+        target_latent,
+    )  # fmt: skip
 
 
 def known_tokens(teacher, values, masks, schedule: Schedule, batch: int, tail: tuple[int, ...], what: str):

@@ -96,12 +96,26 @@ ALIASES = {
 }
 
 
+def depth_rule(depth: int) -> TransformerSize:
+    """The small-model family of scaling sweeps ("depthN"): VAR's width rule (C = 64·depth, one 64-wide head per
+    64 channels) with Infinity's blocks (text or class conditioning, 2D RoPE, shared AdaLN) and no stochastic
+    depth, so that one number spans sizes from 0.3M parameters (depth 2) upwards."""
+    if depth < 1:
+        raise ValueError(f"depthN needs N >= 1, got {depth}")
+    c = 64 * depth
+    return TransformerSize("infinity", depth, c, depth, infinity_ffn_dim(c), 0.0, 1)
+
+
 def get_size(name: str) -> TransformerSize:
-    """A layout by name or alias (case-insensitive); ValueError listing the valid names otherwise."""
+    """A layout by name or alias (case-insensitive), or "depthN" (`depth_rule`); ValueError listing the valid names
+    otherwise."""
     key = ALIASES.get(name.lower(), name.lower())
+    if key.startswith("depth") and key[5:].isdigit():
+        return depth_rule(int(key[5:]))
     if key not in SIZES:
         raise ValueError(
-            f"unknown model size {name!r}; valid sizes: {', '.join(SIZES)}; aliases: {', '.join(sorted(ALIASES))}"
+            f"unknown model size {name!r}; valid sizes: {', '.join(SIZES)}, depthN (the scaling rule); "
+            f"aliases: {', '.join(sorted(ALIASES))}"
         )
     return SIZES[key]
 

@@ -81,8 +81,9 @@ def init_state(step_config: StepConfig, optimizer: optax.GradientTransformation,
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
-def make_targets(step_config: StepConfig, frozen: Frozen, batch: dict, schedule: Schedule, key) -> quantizer.Targets:
-    """Labels and next-scale inputs of a batch: latents from the frozen tokenizer (or the batch), then BSC."""
+def encode(step_config: StepConfig, frozen: Frozen, batch: dict, schedule: Schedule):
+    """(latent [B, H, W, d] on the tokenizer's grid, the tokenizer-level schedule): from the frozen tokenizer on
+    the batch's uint8 images, or the batch's precomputed latents."""
     if "latent" in batch:
         latent = batch["latent"].astype(jnp.float32)
         latent_schedule = schedule.upsampled(2) if step_config.patchify else schedule
@@ -91,7 +92,12 @@ def make_targets(step_config: StepConfig, frozen: Frozen, batch: dict, schedule:
         with nn.logical_axis_rules(step_config.tokenizer_rules):
             latent = frozen.tokenizer.encode(pixels)
         latent_schedule = frozen.tokenizer.latent_schedule(schedule)
-    latent = jax.lax.stop_gradient(latent)
+    return jax.lax.stop_gradient(latent), latent_schedule
+
+
+def make_targets(step_config: StepConfig, frozen: Frozen, batch: dict, schedule: Schedule, key) -> quantizer.Targets:
+    """Labels and next-scale inputs of a batch: latents from the frozen tokenizer (or the batch), then BSC."""
+    latent, latent_schedule = encode(step_config, frozen, batch, schedule)
     return quantizer.bitwise_self_correction(
         latent,
         latent_schedule,
@@ -113,6 +119,13 @@ def text_features(step_config: StepConfig, frozen: Frozen, batch: dict) -> jax.A
     return jax.lax.stop_gradient(features)
 
 
+def conditioning(step_config: StepConfig, frozen: Frozen, batch: dict) -> dict:
+    """The transformer's condition arguments: T5 features and their mask, or class labels."""
+    if step_config.model.cond == "text":
+        return {"text": text_features(step_config, frozen, batch), "text_mask": batch["text_mask"]}
+    return {"labels": batch["label"]}
+
+
 def micro_loss(params, *, step_config: StepConfig, frozen: Frozen, batch: dict, schedule: Schedule, key):
     """(loss, metrics) of one micro-batch."""
     c = step_config.model
@@ -120,10 +133,7 @@ def micro_loss(params, *, step_config: StepConfig, frozen: Frozen, batch: dict, 
     targets = make_targets(step_config, frozen, batch, schedule, k_bsc)
     size = targets.labels.shape[0]
     drop = jax.random.bernoulli(k_drop, step_config.cond_drop_rate, (size,))
-    if c.cond == "text":
-        cond = {"text": text_features(step_config, frozen, batch), "text_mask": batch["text_mask"]}
-    else:
-        cond = {"labels": batch["label"]}
+    cond = conditioning(step_config, frozen, batch)
     with nn.logical_axis_rules(step_config.rules):
         logits = Infinity(c).apply(
             {"params": params},

@@ -17,6 +17,7 @@ import optax
 from infinity_jax import config as config_lib
 from infinity_jax import schedules, sharding
 from infinity_jax.convert import converted
+from infinity_jax.eval.next_scale import NextScaleEval
 from infinity_jax.models.t5 import get_t5_layout
 from infinity_jax.models.transformer import TransformerConfig
 from infinity_jax.train import frozen as frozen_towers
@@ -122,6 +123,7 @@ def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdi
         params = converted.load_transformer(path, setup.step_config.model, setup.abstract_state.params)
         return state.replace(params=params)
 
+    evaluator = NextScaleEval(config, mesh, setup.step_config, frozen)
     return loop.Task(
         abstract_state=setup.abstract_state,
         init=lambda key: nn.unbox(setup.init_fn(key)),
@@ -129,6 +131,7 @@ def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdi
         jit_step=step,
         cond=config.model.cond,
         init_from=init_from,
+        evaluate=(lambda state, step: evaluator(state.params, step)) if evaluator.enabled else None,
     )
 
 
