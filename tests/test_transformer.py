@@ -150,6 +150,25 @@ def test_inference_layout_casts_only_the_blocks():
     assert 0 < error < 3e-2, error
 
 
+def test_target_labels_are_bitwise_self_correction_with_the_models_own_errors():
+    z = jnp.asarray(np.random.default_rng(3).standard_normal((2, *SQUARE.grid, TINY.bits)), jnp.float32)
+    cond = conditioning(TINY)
+    plain = jax.jit(quantizer.self_correct, static_argnums=1)(z, SQUARE, [None] * SQUARE.num_scales).labels
+    teacher = quantizer.split_scales(plain, SQUARE)
+    forced = generate(random_params(TINY), TINY, SQUARE, jax.random.key(0), **cond, teacher_bits=teacher,
+                      target_latent=z)  # fmt: skip
+    for ours, theirs in zip(forced.labels, teacher, strict=True):  # no errors: the plain labels
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    free = generate(random_params(TINY), TINY, SQUARE, jax.random.key(1), **cond, target_latent=z)
+    # The model's own samples are BSC flips: labels after them are self_correct's with flips = sample XOR label.
+    flips = [b ^ label for b, label in zip(free.bits, free.labels, strict=True)]
+    expected = jax.jit(quantizer.self_correct, static_argnums=1)(z, SQUARE, flips).labels
+    np.testing.assert_array_equal(np.asarray(quantizer.flatten_scales(free.labels)), np.asarray(expected))
+    assert int(sum(jnp.sum(f) for f in flips)) > 0  # the model did err, so the check is not the plain case
+    with pytest.raises(ValueError, match="target_latent must be"):
+        generate(random_params(TINY), TINY, SQUARE, jax.random.key(1), **cond, target_latent=z[:, :4])
+
+
 def test_guidance_on_logits_with_per_scale_cfg_and_tau_and_negative_prompts():
     bits, inputs = ground_truth(TINY, SQUARE)
     cond = conditioning(TINY)

@@ -180,7 +180,8 @@ def plot(runs: list[Run], results: dict, metric: str, x_key: str, out: str) -> l
     for bits, entry in results.items():
         law = entry.get("C")
         if isinstance(law, PowerLaw):
-            c = np.asarray([p[0] for p in entry["frontier"]])
+            c, loss = np.asarray(entry["frontier"]).T
+            ax.scatter(c, loss, c="k", s=12, zorder=3)
             grid = np.geomspace(c.min(), c.max(), 50)
             ax.plot(grid, law(grid), "k--", lw=2, label=f"d={bits} frontier: α={law.alpha:.3f}, r={law.r:.3f}")
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel=metric, title="held-out loss vs compute")
@@ -236,5 +237,9 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console_main():
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()
