@@ -175,7 +175,7 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
         cond = (None, None, spec((rows,), np.int32))
     args = (setup.abstract_state.params, spec((), jax.random.key(0).dtype), *cond, spec((rows,), bool),
             spec((k,), np.float32), spec((k,), np.float32), spec((), np.int32), spec((), np.float32), None,
-            frozen.tokenizer)  # fmt: skip
+            frozen.tokenizer, None)  # fmt: skip
     Infinity(model_config).check_schedule(schedule)
     fn = functools.partial(_generate, static=static)
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.step_config.rules):

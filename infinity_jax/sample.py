@@ -233,9 +233,10 @@ PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
 def build(args) -> Sampler:
     """The Sampler that the command-line arguments describe, its blocks in --precision."""
     sampler = _build(args)
-    params, config = for_inference(
-        sampler.params, dataclasses.replace(sampler.config, dtype=PRECISIONS[args.precision])
-    )
+    precision = args.precision
+    if precision == "auto":  # CPUs have no fast bf16 matmuls; GPUs and TPUs run the blocks as the official sampler
+        precision = "fp32" if jax.default_backend() == "cpu" else "bf16"
+    params, config = for_inference(sampler.params, dataclasses.replace(sampler.config, dtype=PRECISIONS[precision]))
     return dataclasses.replace(sampler, config=config, params=params)
 
 
@@ -333,9 +334,10 @@ def parse_args(argv=None):
     how.add_argument("--batch", type=int, default=4)
     how.add_argument(
         "--precision",
-        choices=sorted(PRECISIONS),
-        default="bf16",
-        help="the blocks' weights and matmuls (bf16: as the official sampler; the rest stays fp32)",
+        choices=["auto", *sorted(PRECISIONS)],
+        default="auto",
+        help="the blocks' weights and matmuls (bf16: as the official sampler; the rest stays fp32); "
+        "auto: bf16 on GPUs and TPUs, fp32 on CPUs",
     )
     edit = parser.add_argument_group("zero-shot editing")
     edit.add_argument("--edit", help="an image to edit (in-/out-painting, or class-conditional editing with VAR)")

@@ -81,15 +81,12 @@ def _evaluated_steps(workdir):
         return [r["step"] for r in map(json.loads, f) if "eval/loss" in r]
 
 
-def test_sweep_trains_each_size_to_its_budget_resumes_and_fits(tmp_path, capsys):
+def test_sweep_trains_each_size_to_its_budget_skips_finished_ones_and_fits(tmp_path, capsys):
     root = str(tmp_path)
-    # depth1 first with half the budget (a stopped sweep), then the whole sweep: depth1 continues, depth2 starts.
-    short = sweep.run_size(_sweep_config(2000), "depth1", root)
-    assert short["done"] and short["num_steps"] == 12  # ceil(2000 / (8 images × 21 tokens))
-    assert _evaluated_steps(tmp_path / "depth1") == [6, 12]
     infos = [sweep.run_size(_sweep_config(4000), name, root) for name in ("depth1", "depth2")]
-    assert [i["num_steps"] for i in infos] == [24, 24] and all(i["done"] for i in infos)
-    assert _evaluated_steps(tmp_path / "depth1") == [6, 12, 24]  # resumed at 12, not retrained
+    assert [i["num_steps"] for i in infos] == [24, 24]  # ceil(4000 / (8 images × 21 tokens))
+    assert all(i["done"] for i in infos)
+    assert _evaluated_steps(tmp_path / "depth1") == [12, 24]  # sweep.evals = 2 evaluations per run
     assert infos[0]["params"] < infos[1]["params"] and infos[0]["flops_per_step"] < infos[1]["flops_per_step"]
     c = infos[1]["layout"]["embed_dim"]  # per block: qkv 3C², proj C², FFN 8C², 8C of biases, 6C AdaLN, 2 heads
     assert infos[1]["non_embedding_params"] == 2 * (12 * c**2 + 14 * c + 2)
@@ -97,6 +94,7 @@ def test_sweep_trains_each_size_to_its_budget_resumes_and_fits(tmp_path, capsys)
     sweep.run_size(_sweep_config(4000), "depth2", root)
     assert "depth2: done (24 steps), skipped" in capsys.readouterr().out
     runs = [fit.load_run(str(tmp_path / n)) for n in ("depth1", "depth2")]
+    assert all(r.evals[-1]["eval/loss"] < 0.67 for r in runs)  # held-out loss well under chance (ln 2 = 0.693)
     assert runs[1].evals[-1]["tokens"] == 24 * 168 and runs[1].evals[-1]["flops"] == 24 * infos[1]["flops_per_step"]
     # Two sizes cannot give L(N); the CLI says so and still fits the compute frontier from every evaluation.
     assert fit.main([str(tmp_path / "depth1"), str(tmp_path / "depth2"), "--out", str(tmp_path / "fit")]) == 0
