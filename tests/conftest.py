@@ -9,6 +9,16 @@ import os
 # compiling small programs.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+# Many tests compile the same tiny programs (one train step, in several tests and subprocesses): JAX's persistent
+# compilation cache, in a folder made once per test session (the xdist workers and subprocesses inherit it), turns
+# the repeats into reads.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="infinity_jax_test_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 # CPU only, also on a TPU VM or GPU host and with libtpu installed (tests/test_aot.py compiles for TPU
 # topologies explicitly, which works without a TPU backend).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -16,6 +26,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # safe to share (subprocess tests, or another test run on the same machine).
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import jax
+import jax  # noqa: E402 (after the environment it reads)
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:  # the session's first process made it
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -85,8 +85,10 @@ class NextScaleEval:
             )
         self.examples = self._read(config, held)
         self.batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-        self._sums = jax.jit(
-            functools.partial(teacher_forced_sums, step_config=self.step_config, schedule=self.schedule)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self._sums = jax.jit(  # sums replicated: every process reads the same totals
+            functools.partial(teacher_forced_sums, step_config=self.step_config, schedule=self.schedule),
+            out_shardings=replicated,
         )
         self._encode = jax.jit(
             lambda frozen, batch: (
