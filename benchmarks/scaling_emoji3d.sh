@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The scaling study of benchmarks/RESULTS.md (issue #10) on emoji3d, in steps that each fit one GPU call:
+#
+#   benchmarks/scaling_emoji3d.sh DATA/metadata.jsonl WORK OUT STEP...
+#
+# STEP is any of
+#   tokenizer  a d32 BSQ-VAE from scratch at RES for TOKENIZER_MINUTES (the recipe of the 28.9 dB run), into
+#              WORK/tok/tokenizer; later steps need it (a fresh machine retrains it: same seed, same recipe)
+#   class      the class-conditional sweep (10 emoji categories) of SIZES, TOKENS training tokens per size
+#   text       the same with the short captions through a tiny T5 with random weights (no Flan-T5 offline)
+#   bsc        BSC strength 0 and 0.3 at BSC_SIZE, scored also on the model's own earlier scales
+# then fits each sweep (`infinity_jax.scaling.fit`), draws a sample grid per size, and packs the run summaries,
+# metrics, fits, plots and grids into OUT/study.tar.gz (one file: the device returns at most eight).
+# CPU smoke run: WORKERS=0 TOKENIZER=random SIZES=depth1+depth2 TOKENS=2000 RES=0.004M DTYPE=float32 BATCH=8 \
+#   benchmarks/scaling_emoji3d.sh tests/assets/emoji3d/set/metadata.jsonl /tmp/study /tmp/study_out class
+set -euo pipefail
+data=$1 work=$2 out=$3
+shift 3
+python=${PYTHON:-python3}
+res=${RES:-0.016M}
+sizes=${SIZES:-depth2+depth3+depth4+depth6+depth8}
+tokens=${TOKENS:-4e6}
+bsc_size=${BSC_SIZE:-depth4}
+tokenizer=${TOKENIZER:-d32}
+minutes=${TOKENIZER_MINUTES:-3.5}
+workers=${WORKERS:-12}
+dtype=${DTYPE:-bfloat16}
+batch=${BATCH:-64}
+summary="$work/summary"
+mkdir -p "$summary" "$out"
+common=(--config.data.path="$data" --config.data.workers="$workers")
+text_args=(--config.text.checkpoint=random --config.text.tokenizer=tests/assets/t5_tokenizer/tokenizer.json)
+if [ "$tokenizer" = random ]; then tok_args=(--config.tokenizer.checkpoint=random); tokenizer=tiny
+else tok_args=(--config.tokenizer.checkpoint="$work/tok/tokenizer"); fi
+
+sweep() {  # name, config arguments, extra flags...
+  local name=$1 args=$2
+  shift 2
+  $python -m infinity_jax.scaling.sweep --workdir "$work/$name" \
+    --config "configs/scaling.py:$args,res=$res,tokenizer=$tokenizer,tokens=$tokens,dtype=$dtype,batch=$batch" \
+    "${common[@]}" "${tok_args[@]}" "$@"
+  $python -m infinity_jax.scaling.fit "$work/$name"/*/ --out "$summary/$name" | tee "$summary/$name.txt" || true
+  $python -m infinity_jax.scaling.fit "$work/$name"/*/ --metric eval/last_scale_loss --out "$summary/$name-last" \
+    > "$summary/$name-last.txt" || true
+  for run in "$work/$name"/*/; do
+    local size
+    size=$(basename "$run")
+    mkdir -p "$summary/$name/$size"
+    cp "$run/run.json" "$run/metrics.jsonl" "$summary/$name/$size/"
+  done
+}
+
+samples() {  # name, sampler arguments...
+  local name=$1
+  shift
+  for run in "$work/$name"/*/; do
+    $python -m infinity_jax.sample --run "$run" --out "$work/samples/$name/$(basename "$run")" --cfg 3 --seed 0 \
+      --batch 10 "$@" > /dev/null
+    cp "$work/samples/$name/$(basename "$run")/grid.png" "$summary/$name/$(basename "$run")/samples.png"
+  done
+}
+
+for step in "$@"; do
+  case $step in
+    tokenizer)
+      $python -m infinity_jax.train_tokenizer --workdir "$work/tok" \
+        --config "configs/tokenizer.py:tokenizer=$tokenizer,res=$res,batch=32" "${common[@]}" \
+        --config.data.holdout_every=20 --config.tokenizer.dtype=bfloat16 \
+        --config.train.num_steps=100000 --config.train.max_minutes="$minutes" \
+        --config.train.eval_every=1000 --config.train.log_every=500 --config.train.checkpoint_every=100000 \
+        --config.train.ema_decay=0.995 --config.optim.lr=3e-4 --config.optim.warmup_steps=200 \
+        --config.loss.disc_start=2500 --config.loss.gan=0.1 --config.loss.lecam=0.05 \
+        --config.eval.resolutions="('$res',)" --config.eval.fid=False
+      cp "$work/tok/metrics.jsonl" "$summary/tokenizer_metrics.jsonl"
+      ;;
+    class)
+      sweep class "sizes=$sizes,cond=class,classes=10"
+      samples class --class_id 0 --class_id 1 --class_id 2 --class_id 3 --class_id 4 --class_id 5 --class_id 6 \
+        --class_id 7 --class_id 8 --class_id 9
+      ;;
+    text)
+      sweep text "sizes=$sizes,cond=text" "${text_args[@]}"
+      samples text --prompt "red apple" --prompt "smiling face with sunglasses" --prompt "rocket" \
+        --prompt "pizza" --prompt "flag of japan" --prompt "cat face" --prompt "red heart" --prompt "globe" \
+        --prompt "thumbs up" --prompt "snowman"
+      ;;
+    bsc)
+      for strength in 0.0 0.3; do
+        sweep "bsc$strength" "sizes=$bsc_size,cond=class,classes=10" --config.bsc.strength="$strength" \
+          --config.eval.free_running=True
+      done
+      samples bsc0.0 --class_id 0 --class_id 1 --class_id 2 --class_id 3 --class_id 4 --class_id 5 \
+        --class_id 6 --class_id 7 --class_id 8 --class_id 9
+      samples bsc0.3 --class_id 0 --class_id 1 --class_id 2 --class_id 3 --class_id 4 --class_id 5 \
+        --class_id 6 --class_id 7 --class_id 8 --class_id 9
+      ;;
+    *)
+      echo "unknown step $step (tokenizer, class, text, bsc)" >&2
+      exit 2
+      ;;
+  esac
+done
+tar -czf "$out/study.tar.gz" -C "$work" summary
