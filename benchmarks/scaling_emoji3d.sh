@@ -11,7 +11,7 @@
 #   bsc        BSC strength 0 and 0.3 at BSC_SIZE, scored also on the model's own earlier scales
 # then fits each sweep (`infinity_jax.scaling.fit`), draws a sample grid per size, and packs the run summaries,
 # metrics, fits, plots and grids into OUT/study.tar.gz (one file: the device returns at most eight).
-# CPU smoke run: WORKERS=0 TOKENIZER=random SIZES=depth1+depth2 TOKENS=2000 RES=0.004M DTYPE=float32 BATCH=8 \
+# CPU smoke run: HOLDOUT=3 WORKERS=0 TOKENIZER=random SIZES=depth1+depth2 TOKENS=2000 RES=0.004M DTYPE=float32 BATCH=8 \
 #   benchmarks/scaling_emoji3d.sh tests/assets/emoji3d/set/metadata.jsonl /tmp/study /tmp/study_out class
 set -euo pipefail
 data=$1 work=$2 out=$3
@@ -26,9 +26,10 @@ minutes=${TOKENIZER_MINUTES:-3.5}
 workers=${WORKERS:-12}
 dtype=${DTYPE:-bfloat16}
 batch=${BATCH:-64}
+holdout=${HOLDOUT:-20}
 summary="$work/summary"
 mkdir -p "$summary" "$out"
-common=(--config.data.path="$data" --config.data.workers="$workers")
+common=(--config.data.path="$data" --config.data.workers="$workers" --config.data.holdout_every="$holdout")
 text_args=(--config.text.checkpoint=random --config.text.tokenizer=tests/assets/t5_tokenizer/tokenizer.json)
 if [ "$tokenizer" = random ]; then tok_args=(--config.tokenizer.checkpoint=random); tokenizer=tiny
 else tok_args=(--config.tokenizer.checkpoint="$work/tok/tokenizer"); fi
@@ -65,7 +66,7 @@ for step in "$@"; do
     tokenizer)
       $python -m infinity_jax.train_tokenizer --workdir "$work/tok" \
         --config "configs/tokenizer.py:tokenizer=$tokenizer,res=$res,batch=32" "${common[@]}" \
-        --config.data.holdout_every=20 --config.tokenizer.dtype=bfloat16 \
+        --config.tokenizer.dtype=bfloat16 \
         --config.train.num_steps=100000 --config.train.max_minutes="$minutes" \
         --config.train.eval_every=1000 --config.train.log_every=500 --config.train.checkpoint_every=100000 \
         --config.train.ema_decay=0.995 --config.optim.lr=3e-4 --config.optim.warmup_steps=200 \

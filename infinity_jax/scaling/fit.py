@@ -26,17 +26,22 @@ RUN_INFO = "run.json"  # written by the sweep: what the run is (sizes, FLOPs per
 
 @dataclasses.dataclass(frozen=True)
 class PowerLaw:
-    """L = (beta·X)^alpha, fitted on `n` points; alpha ± alpha_ci at `confidence`; r: Pearson r of log-log."""
+    """L = (β·X)^alpha, fitted on `n` points; alpha ± alpha_ci at `confidence`; r: Pearson r of log-log. β is kept
+    as log β: a nearly flat law has a β far outside floating point."""
 
     alpha: float
-    beta: float
+    log_beta: float
     alpha_ci: float
     r: float
     n: int
     confidence: float
 
+    @property
+    def beta(self) -> float:
+        return math.exp(self.log_beta) if self.log_beta < 700 else math.inf
+
     def __call__(self, x):
-        return (self.beta * np.asarray(x, np.float64)) ** self.alpha
+        return np.exp(self.alpha * (self.log_beta + np.log(np.asarray(x, np.float64))))
 
     def describe(self) -> str:
         return (
@@ -70,7 +75,7 @@ def fit_power_law(x, y, confidence: float = 0.95) -> PowerLaw:
     stderr = math.sqrt(np.sum(residuals**2) / dof / sxx) if dof > 0 else math.inf
     half_width = float(stats.t.ppf(0.5 + confidence / 2, dof) * stderr)
     r = float(np.corrcoef(lx, ly)[0, 1])
-    return PowerLaw(float(slope), float(math.exp(intercept / slope)), half_width, r, int(x.size), confidence)
+    return PowerLaw(float(slope), float(intercept / slope), half_width, r, int(x.size), confidence)
 
 
 def pareto_frontier(x, y) -> np.ndarray:
