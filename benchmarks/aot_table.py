@@ -28,7 +28,7 @@ SLICES = {
 STATE_BYTES_PER_PARAM = 16
 
 
-def smallest_fit(size: str, res: str, chip: str, per_chip: float, mfu: float):
+def smallest_fit(size: str, res: str, chip: str, per_chip: float, mfu: float, attention: str = "xla"):
     state_bytes = STATE_BYTES_PER_PARAM * sizes.count_params(sizes.get_size(size))
     for topology in SLICES[chip]:
         devices = aot.topology_devices(topology)
@@ -37,6 +37,7 @@ def smallest_fit(size: str, res: str, chip: str, per_chip: float, mfu: float):
             continue  # cannot fit whatever the mesh: skip a compile of minutes
         batch = max(int(per_chip * chips), 1)
         config = load_config_file(f"configs/infinity.py:size={size},res={res},batch={batch}")
+        config.model.attention = attention
         meshes = [{"data": 1, "fsdp": chips, "tensor": 1}]
         if chips >= 8:
             meshes.append({"data": 1, "fsdp": chips // 4, "tensor": 4})
@@ -59,6 +60,9 @@ def main():
     parser.add_argument("--per_chip", type=float, default=1.0, help="images per chip in the global batch")
     parser.add_argument("--mfu", type=float, default=0.45)
     parser.add_argument("--out", default=None, help="append the table (markdown) to this file")
+    parser.add_argument(
+        "--attention", default="xla", choices=("xla", "splash"), help="splash: the TPU kernel (1024²'s mask)"
+    )
     args = parser.parse_args()
     lines = [
         f"### Smallest TPU slices whose train step fits ({datetime.date.today().isoformat()})",
@@ -75,7 +79,7 @@ def main():
     for size in args.sizes.split(","):
         for res in args.res.split(","):
             for chip in args.chips.split(","):
-                found = smallest_fit(size, res, chip, args.per_chip, args.mfu)
+                found = smallest_fit(size, res, chip, args.per_chip, args.mfu, args.attention)
                 if found is None:
                     emit([f"| {size} | {res} | {chip} | none up to {SLICES[chip][-1]} | | | | | |"], out)
                     continue
