@@ -9,7 +9,8 @@
 #   class      the class-conditional sweep (10 emoji categories) of SIZES, TOKENS training tokens per size
 #   text       the same with the short captions through a tiny T5 with random weights (no Flan-T5 offline)
 #   bsc        BSC strength 0 and 0.3 at BSC_SIZE, scored also on the model's own earlier scales
-# then fits each sweep (`infinity_jax.scaling.fit`), draws a sample grid per size, and packs the run summaries,
+# SWEEP_MINUTES=M stops each sweep after M minutes (checkpointed; the same command resumes it) and SAMPLES=0 skips
+# the sample grids, so the study can be done in several GPU calls; then it fits each sweep (`infinity_jax.scaling.fit`), draws a sample grid per size, and packs the run summaries,
 # metrics, fits, plots and grids into OUT/study.tar.gz (one file: the device returns at most eight).
 # CPU smoke run: HOLDOUT=3 WORKERS=0 TOKENIZER=random SIZES=depth1+depth2 TOKENS=2000 RES=0.004M DTYPE=float32 BATCH=8 \
 #   benchmarks/scaling_emoji3d.sh tests/assets/emoji3d/set/metadata.jsonl /tmp/study /tmp/study_out class
@@ -27,6 +28,8 @@ workers=${WORKERS:-12}
 dtype=${DTYPE:-bfloat16}
 batch=${BATCH:-64}
 holdout=${HOLDOUT:-20}
+sweep_minutes=${SWEEP_MINUTES:-0}
+draw=${SAMPLES:-1}
 summary="$work/summary"
 mkdir -p "$summary" "$out"
 common=(--config.data.path="$data" --config.data.workers="$workers" --config.data.holdout_every="$holdout")
@@ -39,7 +42,7 @@ sweep() {  # name, config arguments, extra flags...
   shift 2
   $python -m infinity_jax.scaling.sweep --workdir "$work/$name" \
     --config "configs/scaling.py:$args,res=$res,tokenizer=$tokenizer,tokens=$tokens,dtype=$dtype,batch=$batch" \
-    "${common[@]}" "${tok_args[@]}" "$@"
+    "${common[@]}" "${tok_args[@]}" --max_minutes="$sweep_minutes" "$@"
   $python -m infinity_jax.scaling.fit "$work/$name"/*/ --out "$summary/$name" | tee "$summary/$name.txt" || true
   $python -m infinity_jax.scaling.fit "$work/$name"/*/ --metric eval/last_scale_loss --out "$summary/$name-last" \
     > "$summary/$name-last.txt" || true
@@ -54,6 +57,7 @@ sweep() {  # name, config arguments, extra flags...
 samples() {  # name, sampler arguments...
   local name=$1
   shift
+  [ "$draw" = 1 ] || return 0
   for run in "$work/$name"/*/; do
     $python -m infinity_jax.sample --run "$run" --out "$work/samples/$name/$(basename "$run")" --cfg 3 --seed 0 \
       --batch 10 "$@" > /dev/null

@@ -10,7 +10,8 @@ evaluations are spread over every run, so the fit sees each run's loss against c
 run writes WORKDIR/<size>/run.json: parameters N, non-embedding parameters (the blocks), bits d, tokens and
 model FLOPs per step (counted from the traced forward and backward pass of the transformer alone), the step count.
 `python -m infinity_jax.scaling.fit WORKDIR/*` fits the power laws. `--only NAME` trains one size (one job per
-size on a cluster); `--list` prints those commands.
+size on a cluster); `--list` prints those commands; `--max_minutes M` stops the whole sweep (checkpointed) after M
+minutes, so a study can be done in several time slots.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 import os
 import re
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -126,8 +128,9 @@ def describe(config: ml_collections.ConfigDict, name: str) -> dict:
     }
 
 
-def run_size(base: ml_collections.ConfigDict, name: str, root: str) -> dict:
-    """Trains one size to its budget in root/name (resuming it if it was stopped); returns its run.json."""
+def run_size(base: ml_collections.ConfigDict, name: str, root: str, max_minutes: float = 0.0) -> dict:
+    """Trains one size to its budget in root/name (resuming it if it was stopped), for at most max_minutes when
+    > 0; returns its run.json, whose `done` says whether the budget was reached."""
     config = config_for(base, name)
     info = describe(config, name)
     workdir = os.path.join(root, name)
@@ -145,6 +148,8 @@ def run_size(base: ml_collections.ConfigDict, name: str, root: str) -> dict:
         config.train.eval_every = every
         config.train.checkpoint_every = min(config.train.checkpoint_every, every)
         config.train.log_every = min(config.train.log_every, every)
+        if max_minutes > 0:
+            config.train.max_minutes = max_minutes
     config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
     _write(info_path, info)
@@ -186,8 +191,18 @@ def main(config: ml_collections.ConfigDict) -> None:
     if args.list:
         print("\n".join(_commands(names)))
         return
+    deadline = time.monotonic() + 60 * args.max_minutes
     for name in [args.only] if args.only else names:
-        run_size(config, name, args.workdir)
+        left = (deadline - time.monotonic()) / 60 if args.max_minutes > 0 else 0.0
+        if args.max_minutes > 0 and left <= 0:
+            print(
+                f"--max_minutes={args.max_minutes:g} spent before {name}; rerun the same command to go on", flush=True
+            )
+            return
+        if not run_size(config, name, args.workdir, left)["done"]:
+            # Stopped by SIGTERM or train.max_minutes: the next size must not start in the time that is left.
+            print(f"{name}: stopped before its budget; rerun the same command to resume", flush=True)
+            return
 
 
 def console_main():
@@ -195,6 +210,7 @@ def console_main():
     flags.DEFINE_string("workdir", None, "Root folder: one subfolder per size.")
     flags.DEFINE_string("only", None, "Train this size of the sweep only.")
     flags.DEFINE_bool("list", False, "Print one command per size and exit.")
+    flags.DEFINE_float("max_minutes", 0.0, "Stop the whole sweep after this many minutes (0: no limit); resumable.")
     cli.run(main)
 
 
