@@ -10,7 +10,8 @@
 #   text       the same with the short captions through a tiny T5 with random weights (no Flan-T5 offline)
 #   bsc        BSC strength 0 and 0.3 at BSC_SIZE, scored also on the model's own earlier scales
 # SWEEP_MINUTES=M stops each sweep after M minutes (checkpointed; the same command resumes it) and SAMPLES=0 skips
-# the sample grids, so the study can be done in several GPU calls; then it fits each sweep (`infinity_jax.scaling.fit`), draws a sample grid per size, and packs the run summaries,
+# the sample grids, so the study can be done in several GPU calls; PARALLEL=1 trains every size of a sweep (and draws
+# every grid) as its own process at once, which fills one large GPU with these small models; then it fits each sweep (`infinity_jax.scaling.fit`), draws a sample grid per size, and packs the run summaries,
 # metrics, fits, plots and grids into OUT/study.tar.gz (one file: the device returns at most eight).
 # CPU smoke run: HOLDOUT=3 WORKERS=0 TOKENIZER=random SIZES=depth1+depth2 TOKENS=2000 RES=0.004M DTYPE=float32 BATCH=8 \
 #   benchmarks/scaling_emoji3d.sh tests/assets/emoji3d/set/metadata.jsonl /tmp/study /tmp/study_out class
@@ -30,6 +31,7 @@ batch=${BATCH:-64}
 holdout=${HOLDOUT:-20}
 sweep_minutes=${SWEEP_MINUTES:-0}
 draw=${SAMPLES:-1}
+parallel=${PARALLEL:-0}
 summary="$work/summary"
 mkdir -p "$summary" "$out"
 common=(--config.data.path="$data" --config.data.workers="$workers" --config.data.holdout_every="$holdout")
@@ -37,12 +39,19 @@ text_args=(--config.text.checkpoint=random --config.text.tokenizer=tests/assets/
 if [ "$tokenizer" = random ]; then tok_args=(--config.tokenizer.checkpoint=random); tokenizer=tiny
 else tok_args=(--config.tokenizer.checkpoint="$work/tok/tokenizer"); fi
 
-sweep() {  # name, config arguments, extra flags...
-  local name=$1 args=$2
-  shift 2
-  $python -m infinity_jax.scaling.sweep --workdir "$work/$name" \
-    --config "configs/scaling.py:$args,res=$res,tokenizer=$tokenizer,tokens=$tokens,dtype=$dtype,batch=$batch" \
-    "${common[@]}" "${tok_args[@]}" --max_minutes="$sweep_minutes" "$@"
+sweep() {  # name, sizes, config arguments, extra flags...
+  local name=$1 names=$2 args=$3
+  shift 3
+  local train=($python -m infinity_jax.scaling.sweep --workdir "$work/$name" --config \
+    "configs/scaling.py:sizes=$names,$args,res=$res,tokenizer=$tokenizer,tokens=$tokens,dtype=$dtype,batch=$batch" \
+    "${common[@]}" "${tok_args[@]}" --max_minutes="$sweep_minutes" "$@")
+  if [ "$parallel" = 1 ]; then
+    mkdir -p "$work/$name"
+    for size in ${names//+/ }; do "${train[@]}" --only="$size" > "$work/$name/$size.log" 2>&1 & done
+    wait
+  else
+    "${train[@]}"
+  fi
   $python -m infinity_jax.scaling.fit "$work/$name"/*/ --out "$summary/$name" | tee "$summary/$name.txt" || true
   $python -m infinity_jax.scaling.fit "$work/$name"/*/ --metric eval/last_scale_loss --out "$summary/$name-last" \
     > "$summary/$name-last.txt" || true
@@ -59,8 +68,12 @@ samples() {  # name, sampler arguments...
   shift
   [ "$draw" = 1 ] || return 0
   for run in "$work/$name"/*/; do
-    $python -m infinity_jax.sample --run "$run" --out "$work/samples/$name/$(basename "$run")" --cfg 3 --seed 0 \
-      --batch 10 "$@" > /dev/null
+    local draw_one=($python -m infinity_jax.sample --run "$run" --out "$work/samples/$name/$(basename "$run")" --cfg 3
+      --seed 0 --batch 10 "$@")
+    if [ "$parallel" = 1 ]; then "${draw_one[@]}" > /dev/null & else "${draw_one[@]}" > /dev/null; fi
+  done
+  wait
+  for run in "$work/$name"/*/; do
     cp "$work/samples/$name/$(basename "$run")/grid.png" "$summary/$name/$(basename "$run")/samples.png"
   done
 }
@@ -79,21 +92,23 @@ for step in "$@"; do
       cp "$work/tok/metrics.jsonl" "$summary/tokenizer_metrics.jsonl"
       ;;
     class)
-      sweep class "sizes=$sizes,cond=class,classes=10"
+      sweep class "$sizes" cond=class,classes=10
       samples class --class_id 0 --class_id 1 --class_id 2 --class_id 3 --class_id 4 --class_id 5 --class_id 6 \
         --class_id 7 --class_id 8 --class_id 9
       ;;
     text)
-      sweep text "sizes=$sizes,cond=text" "${text_args[@]}"
+      sweep text "$sizes" cond=text "${text_args[@]}"
       samples text --prompt "red apple" --prompt "smiling face with sunglasses" --prompt "rocket" \
         --prompt "pizza" --prompt "flag of japan" --prompt "cat face" --prompt "red heart" --prompt "globe" \
         --prompt "thumbs up" --prompt "snowman"
       ;;
     bsc)
       for strength in 0.0 0.3; do
-        sweep "bsc$strength" "sizes=$bsc_size,cond=class,classes=10" --config.bsc.strength="$strength" \
-          --config.eval.free_running=True
+        sweep "bsc$strength" "$bsc_size" cond=class,classes=10 --config.bsc.strength="$strength" \
+          --config.eval.free_running=True &
+        [ "$parallel" = 1 ] || wait
       done
+      wait
       samples bsc0.0 --class_id 0 --class_id 1 --class_id 2 --class_id 3 --class_id 4 --class_id 5 \
         --class_id 6 --class_id 7 --class_id 8 --class_id 9
       samples bsc0.3 --class_id 0 --class_id 1 --class_id 2 --class_id 3 --class_id 4 --class_id 5 \

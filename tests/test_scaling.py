@@ -123,7 +123,7 @@ def test_fit_cli_on_a_vocabulary_sweep(tmp_path, capsys):
             path = tmp_path / f"d{bits}_{int(n)}"
             path.mkdir()
             info = {"name": path.name, "params": n * 1.2, "non_embedding_params": n, "bits": bits,
-                    "tokens_per_step": 1000, "flops_per_step": 6 * n * 1000}  # fmt: skip
+                    "tokens_per_step": 1000, "flops_per_step": 6 * n * 1000, "done": True}  # fmt: skip
             (path / "run.json").write_text(json.dumps(info))
             lines = [
                 {"step": s, "eval/loss": float((n * s / 1e3) ** (alpha / 2) * (1 + rng.normal(0, 0.005)))}
@@ -134,4 +134,25 @@ def test_fit_cli_on_a_vocabulary_sweep(tmp_path, capsys):
     assert fit.main([str(p) for p in sorted(tmp_path.iterdir())] + ["--out", str(tmp_path / "out")]) == 0
     fitted = json.loads((tmp_path / "out" / "fit.json").read_text())["fits"]
     assert abs(fitted["16"]["N"]["alpha"] + 0.2) < 0.02 and abs(fitted["32"]["N"]["alpha"] + 0.3) < 0.02
-    assert "bits d=16: 4 runs" in capsys.readouterr().out
+    assert "bits d=16: 4 runs; L(N) at 1e+06 tokens each" in capsys.readouterr().out
+    # The largest size stopped after its first evaluation: every size is compared at that budget instead.
+    stalled = tmp_path / "d32_100000000"
+    info = json.loads((stalled / "run.json").read_text())
+    (stalled / "run.json").write_text(json.dumps({**info, "done": False}))
+    first = (stalled / "metrics.jsonl").read_text().splitlines()[0]
+    (stalled / "metrics.jsonl").write_text(first + "\n")
+    runs = [fit.load_run(str(p)) for p in sorted(tmp_path.glob("d32_*"))]
+    entry = fit.fit_runs(runs, "eval/loss", "non_embedding_params")[32]
+    assert entry["tokens"] == 100 * 1000 and entry["unfinished"] == ["d32_100000000"]
+    assert sorted(loss for _, loss, _ in entry["last"]) == sorted(r.evals[0]["eval/loss"] for r in runs)
+    assert abs(entry["N"].alpha + 0.15) < 0.02  # the early-budget law (alpha / 2), not a mix of budgets
+    assert fit.main([str(p) for p in sorted(tmp_path.glob("d32_*"))]) == 0
+    assert "4 runs, unfinished: d32_100000000; L(N) at 1e+05 tokens each" in capsys.readouterr().out
+    # Stopped before the others' first evaluation (at step 50): left out of L(N), the others fitted at their budget.
+    (stalled / "metrics.jsonl").write_text(json.dumps({"step": 50, "eval/loss": 0.9}) + "\n")
+    runs = [fit.load_run(str(p)) for p in sorted(tmp_path.glob("d32_*"))]
+    entry = fit.fit_runs(runs, "eval/loss", "non_embedding_params")[32]
+    assert entry["tokens"] == 1000 * 1000 and entry["left_out"] == ["d32_100000000"] and len(entry["last"]) == 3
+    assert abs(entry["N"].alpha + 0.3) < 0.03
+    assert fit.main([str(p) for p in sorted(tmp_path.glob("d32_*"))]) == 0
+    assert "(not at that budget, left out of L(N): d32_100000000)" in capsys.readouterr().out

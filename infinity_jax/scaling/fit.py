@@ -3,10 +3,12 @@
     python -m infinity_jax.scaling.fit runs/scaling/* --out runs/scaling/fit [--metric eval/last_scale_loss]
 
 A law is L = (β·X)^α, fitted as a line in log-log space (least squares): the exponent α with its confidence
-interval (Student's t on the slope's standard error), β, and Pearson's r of log X against log L. L(N) uses each
-run's last evaluation and its non-embedding parameters (the blocks; `--x params` for all); L(C) uses every
-evaluation of every run and fits the compute-efficient frontier (the points no cheaper point beats). Runs still
-in progress count with what they have evaluated so far. Runs of different bit depths d (vocabulary sweeps) are
+interval (Student's t on the slope's standard error), β, and Pearson's r of log X against log L. L(N) compares
+the runs at one training budget, the largest that the most runs have reached (the full budget once they are
+finished; a run stopped short of it is named and left out of L(N)): each run's last evaluation at or below it,
+against its non-embedding parameters (the blocks; `--x params` for all). L(C) uses every evaluation of every run
+and fits the compute-efficient frontier (the points no cheaper point beats), so runs still in progress count with
+what they have evaluated so far. Runs of different bit depths d (vocabulary sweeps) are
 fitted and drawn separately.
 """
 
@@ -128,14 +130,31 @@ def load_run(path: str) -> Run:
     return Run(path, info, [by_step[s] for s in sorted(by_step)])
 
 
+def _common_budget(group: list[Run], metric: str) -> tuple[float, list[Run]]:
+    """The token budget at which L(N) compares sizes, and the runs compared there: the largest budget that the most
+    runs have reached. A run counts at budget T if it has evaluated at or below T and trained to at least T, so
+    sizes are never compared at different budgets (a run stopped early would pass for a worse model)."""
+    evaluated = {r.path: [e["tokens"] for e in r.evals if metric in e] for r in group}
+
+    def members(t):
+        return [r for r in group if min(evaluated[r.path]) <= t <= max(evaluated[r.path])]
+
+    budget = max({t for ts in evaluated.values() for t in ts}, key=lambda t: (len(members(t)), t), default=0)
+    return budget, members(budget)
+
+
 def fit_runs(runs: list[Run], metric: str, x_key: str) -> dict:
     """{bits: {"N": PowerLaw or error, "C": PowerLaw or error, "points": ...}} for each bit depth among the runs."""
     results = {}
     for bits in sorted({r.info["bits"] for r in runs}):
         group = [r for r in runs if r.info["bits"] == bits and any(metric in e for e in r.evals)]
-        last = [(r.info[x_key], [e for e in r.evals if metric in e][-1][metric], r.name) for r in group]
+        tokens, members = _common_budget(group, metric)
+        last = [(r.info[x_key], [e for e in r.evals if metric in e and e["tokens"] <= tokens][-1][metric], r.name)
+                for r in members]  # fmt: skip
         every = [(e["flops"], e[metric]) for r in group for e in r.evals if metric in e]
-        entry = {"last": last, "every": every}
+        unfinished = [r.name for r in group if not r.info.get("done")]
+        left_out = [r.name for r in group if r not in members]
+        entry = {"last": last, "every": every, "tokens": tokens, "unfinished": unfinished, "left_out": left_out}
         try:
             entry["N"] = fit_power_law([p[0] for p in last], [p[1] for p in last])
         except ValueError as error:
@@ -169,7 +188,13 @@ def plot(runs: list[Run], results: dict, metric: str, x_key: str, out: str) -> l
         if isinstance(law, PowerLaw):
             grid = np.geomspace(n.min(), n.max(), 50)
             ax.plot(grid, law(grid), "--", label=f"d={bits}: α={law.alpha:.3f}, r={law.r:.3f}")
-    ax.set(xscale="log", yscale="log", xlabel=f"{x_key.replace('_', ' ')} N", ylabel=metric, title="held-out loss vs N")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel=f"{x_key.replace('_', ' ')} N",
+        ylabel=metric,
+        title="held-out loss vs N at equal tokens",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(out, "loss_vs_params.png"))
@@ -201,7 +226,12 @@ def plot(runs: list[Run], results: dict, metric: str, x_key: str, out: str) -> l
 def report(results: dict, metric: str, x_key: str) -> str:
     lines = [f"metric: {metric}"]
     for bits, entry in results.items():
-        lines.append(f"bits d={bits}: {len(entry['last'])} runs")
+        runs = len(entry["last"]) + len(entry["left_out"])
+        unfinished = f", unfinished: {', '.join(entry['unfinished'])}" if entry["unfinished"] else ""
+        line = f"bits d={bits}: {runs} runs{unfinished}; L(N) at {entry['tokens']:.4g} tokens each"
+        if entry["left_out"]:
+            line += f" (not at that budget, left out of L(N): {', '.join(entry['left_out'])})"
+        lines.append(line)
         for x, loss, name in sorted(entry["last"]):
             lines.append(f"  {name}: {x_key} {x:,.0f}  {metric} {loss:.5f}")
         for label, key in ((f"L({x_key})", "N"), ("L(C) frontier", "C")):
