@@ -9,6 +9,8 @@
 #   class      the class-conditional sweep (10 emoji categories) of SIZES, TOKENS training tokens per size
 #   text       the same with the short captions through a tiny T5 with random weights (no Flan-T5 offline)
 #   bsc        BSC strength 0 and 0.3 at BSC_SIZE, scored also on the model's own earlier scales
+#   vocab      a vocabulary sweep: for each bit depth d of VOCAB_BITS a tokenizer (as the tokenizer step) and the
+#              class sweep of VOCAB_SIZES on it, fitted together (one law per d)
 # SWEEP_MINUTES=M stops each sweep after M minutes (checkpointed; the same command resumes it) and SAMPLES=0 skips
 # the sample grids, so the study can be done in several GPU calls; PARALLEL=1 trains every size of a sweep (and draws
 # every grid) as its own process at once, which fills one large GPU with these small models; then it fits each sweep (`infinity_jax.scaling.fit`), draws a sample grid per size, and packs the run summaries,
@@ -23,6 +25,8 @@ res=${RES:-0.016M}
 sizes=${SIZES:-depth2+depth3+depth4+depth6+depth8}
 tokens=${TOKENS:-4e6}
 bsc_size=${BSC_SIZE:-depth4}
+vocab_bits=${VOCAB_BITS:-16 32}
+vocab_sizes=${VOCAB_SIZES:-depth2+depth3+depth4}
 tokenizer=${TOKENIZER:-d32}
 minutes=${TOKENIZER_MINUTES:-3.5}
 workers=${WORKERS:-12}
@@ -78,17 +82,22 @@ samples() {  # name, sampler arguments...
   done
 }
 
-for step in "$@"; do
-  case $step in
-    tokenizer)
-      $python -m infinity_jax.train_tokenizer --workdir "$work/tok" \
-        --config "configs/tokenizer.py:tokenizer=$tokenizer,res=$res,batch=32" "${common[@]}" \
+train_tokenizer() {  # workdir, bits (0: the layout's)
+  [ "$tokenizer" = tiny ] && return 0  # TOKENIZER=random: random weights, nothing to train
+  $python -m infinity_jax.train_tokenizer --workdir "$1" \
+        --config "configs/tokenizer.py:tokenizer=$tokenizer,bits=$2,res=$res,batch=32" "${common[@]}" \
         --config.tokenizer.dtype=bfloat16 \
         --config.train.num_steps=100000 --config.train.max_minutes="$minutes" \
         --config.train.eval_every=1000 --config.train.log_every=500 --config.train.checkpoint_every=100000 \
         --config.train.ema_decay=0.995 --config.optim.lr=3e-4 --config.optim.warmup_steps=200 \
         --config.loss.disc_start=2500 --config.loss.gan=0.1 --config.loss.lecam=0.05 \
         --config.eval.resolutions="('$res',)" --config.eval.fid=False
+}
+
+for step in "$@"; do
+  case $step in
+    tokenizer)
+      train_tokenizer "$work/tok" 0
       cp "$work/tok/metrics.jsonl" "$summary/tokenizer_metrics.jsonl"
       ;;
     class)
@@ -114,8 +123,16 @@ for step in "$@"; do
       samples bsc0.3 --class_id 0 --class_id 1 --class_id 2 --class_id 3 --class_id 4 --class_id 5 \
         --class_id 6 --class_id 7 --class_id 8 --class_id 9
       ;;
+    vocab)
+      for bits in $vocab_bits; do
+        train_tokenizer "$work/tok_d$bits" "$bits"
+        [ "$tokenizer" = tiny ] || tok_args=(--config.tokenizer.checkpoint="$work/tok_d$bits/tokenizer")
+        sweep "vocab_d$bits" "$vocab_sizes" "cond=class,classes=10,bits=$bits"
+      done
+      $python -m infinity_jax.scaling.fit "$work"/vocab_d*/*/ --out "$summary/vocab" | tee "$summary/vocab.txt" || true
+      ;;
     *)
-      echo "unknown step $step (tokenizer, class, text, bsc)" >&2
+      echo "unknown step $step (tokenizer, class, text, bsc, vocab)" >&2
       exit 2
       ;;
   esac

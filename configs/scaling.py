@@ -3,7 +3,8 @@
 Arguments (after the colon): sizes (joined by +, e.g. depth2+depth3+depth4+depth6+depth8: 0.3M–25M
 parameters), tokens (training tokens per size; or flops, training FLOPs per size, which wins when > 0), evals
 (held-out evaluations per run), cond (class or text), classes, res (0.004M = 64², 0.016M = 128², …), tokenizer,
-t5, batch, dtype (float32 or bfloat16). Every 20th record is held out (`data.holdout_every`) and evaluated
+bits (the tokenizer's bit depth d, 0 for its layout's; a vocabulary sweep runs one sweep per d, each with a
+tokenizer trained at that d, and fits them together), t5, batch, dtype (float32 or bfloat16). Every 20th record is held out (`data.holdout_every`) and evaluated
 teacher-forced; set `--config.eval.free_running=True` to also score each model on its own earlier scales, and
 `--config.bsc.strength` to compare Bitwise Self-Correction strengths.
 
@@ -37,6 +38,7 @@ def get_config(arg=None):
         classes=10,
         res="0.016M",
         tokenizer="d32",
+        bits=0,
         t5="tiny",
         batch=64,
         dtype="float32",
@@ -46,6 +48,9 @@ def get_config(arg=None):
         f"{os.path.join(os.path.dirname(__file__), 'infinity.py')}:size={first},res={arg.res},"
         f"tokenizer={arg.tokenizer},cond={arg.cond},classes={arg.classes},t5={arg.t5},batch={arg.batch}"
     )
+    if arg.bits:
+        config.tokenizer.bits = arg.bits
+        config.model.bits = config_lib.tokenizer_layout(config.tokenizer).token_bits
     config.model.dtype = arg.dtype
     config.model.scan_blocks = False  # small models: a scan only costs time here
     config.model.remat = "none"

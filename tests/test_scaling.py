@@ -67,6 +67,12 @@ def test_depth_rule_and_model_flops():
     assert six_nd < flops < 1.6 * six_nd
 
 
+def test_scaling_config_sets_the_bit_depth_of_tokenizer_and_model_together():
+    config = load_config_file("configs/scaling.py:tokenizer=d32,bits=16")
+    assert config.tokenizer.bits == 16 and config.model.bits == 16
+    assert load_config_file("configs/scaling.py:tokenizer=d32").model.bits == 32
+
+
 def _sweep_config(tokens):
     config = load_config_file(
         f"configs/scaling.py:sizes=depth1+depth2,tokenizer=tiny,res=0.004M,batch=8,tokens={tokens},evals=2"
