@@ -149,6 +149,28 @@ def compile_train_step(config: ml_collections.ConfigDict, devices, mesh_sizes: d
     return compiled, _report(compiled, devices, mesh, schedule.name, analytic, setup)
 
 
+def compile_tokenizer_step(config: ml_collections.ConfigDict, devices, mesh_sizes: dict[str, int], template: float):
+    """Lowers and compiles the tokenizer's train step (configs/tokenizer.py: generator, discriminator, LPIPS) for
+    `devices`. Returns (compiled, Report)."""
+    from infinity_jax.train import perceptual, vae
+
+    mesh = slice_mesh(config, devices, mesh_sizes)
+    setup = vae.build(config, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    # LPIPS is frozen and replicated; its shapes are read from the package's weights, never placed on the slice.
+    lpips = perceptual.load_params() if setup.sc.perceptual_weight > 0 else None
+    frozen = vae.VAEFrozen(lpips=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                              lpips))  # fmt: skip
+    schedule = schedules.infinity_schedule(template, config.schedule.resolution)
+    b = config.train.batch_size
+    batch = {"image": jax.ShapeDtypeStruct((b, *schedule.pixel_size, 3), np.uint8, sharding=setup.batch_sharding)}
+    jitted, fn = setup.jit_step(schedule, batch, frozen)
+    with jax.set_mesh(mesh):
+        compiled = _compile(jitted, (setup.abstract_state, frozen, batch), mesh)
+        analytic = flops.count_flops(fn, setup.abstract_state, frozen, batch)
+    return compiled, _report(compiled, devices, mesh, f"tokenizer {schedule.name}", analytic, setup)
+
+
 def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: dict[str, int], template: float,
                        batch: int = 1, text_tokens: int = 32):  # fmt: skip
     """Lowers and compiles one guided generation (all scales, then the tokenizer's decode) for `devices`, with the
@@ -225,12 +247,26 @@ def advice(mesh: dict[str, int], chips: int, config: ml_collections.ConfigDict) 
     hints = []
     if mesh["fsdp"] < chips // max(mesh["tensor"], 1):
         hints.append("shard the weights over more chips (--mesh fsdp=<chips>, data=1)")
-    if config.model.remat != "nothing_saveable":
+    if "model" in config and config.model.remat != "nothing_saveable":
         hints.append("rematerialise more (--config.model.remat=nothing_saveable)")
     if config.train.grad_accum < config.train.batch_size:
         hints.append("split the batch (--config.train.grad_accum=2 or more) or lower --config.train.batch_size")
     hints.append("add tensor parallelism for wide layouts (--mesh tensor=4) or take a larger slice")
     return "; ".join(hints)
+
+
+def _compile_fn(config: ml_collections.ConfigDict, generate: bool):
+    """The compile function for what the config trains; ValueError for a config without a train step."""
+    if config.get("task") == "tokenizer":
+        if generate:
+            raise ValueError("--generate needs a transformer config (configs/infinity.py or configs/scaling.py)")
+        return compile_tokenizer_step
+    if "train" not in config or "mesh" not in config:
+        raise ValueError(
+            "this config has no train step to compile (configs/var.py: VAR runs through the converter and the "
+            "sampler only); use configs/infinity.py, configs/scaling.py or configs/tokenizer.py"
+        )
+    return compile_generation if generate else compile_train_step
 
 
 def main(config):
@@ -240,7 +276,7 @@ def main(config):
     try:
         devices = topology_devices(f.topology)
         mesh = parse_mesh(f.mesh)
-        compile_fn = compile_generation if f.generate else compile_train_step
+        compile_fn = _compile_fn(config, f.generate)
         _, report = compile_fn(config, devices, mesh, f.template)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None

@@ -56,3 +56,24 @@ def test_bad_topology_and_mesh_names_are_clear_errors():
         aot.topology_devices("v9z:3x3")
     with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
         aot.parse_mesh("data=2,model=2")
+
+
+def test_tokenizer_train_step_compiles_with_its_discriminator_and_lpips():
+    devices = _devices("v5e:2x2")
+    config = load_config_file("configs/tokenizer.py:tokenizer=tiny,res=0.004M,batch=8")
+    _, report = aot.compile_tokenizer_step(config, devices, aot.parse_mesh("data=1,fsdp=4"), 1.0)
+    assert report.fits and report.schedule == "tokenizer 1.0@0.004M" and report.temp_bytes > 0
+    # The frozen LPIPS-VGG16 (replicated, about 59 MB in float32) is among each chip's arguments.
+    assert report.argument_bytes > 50e6
+    assert 0.5 < report.compiler_flops * report.chips / report.analytic_flops < 3.0
+    names = [name for name, _, _ in report.largest]
+    assert all(name.startswith(("generator/", "discriminator/")) for name in names)
+
+
+def test_configs_without_a_train_step_are_clear_errors():
+    with pytest.raises(ValueError, match="no train step to compile"):
+        aot._compile_fn(load_config_file("configs/var.py:size=d16"), generate=False)
+    with pytest.raises(ValueError, match="--generate needs a transformer config"):
+        aot._compile_fn(load_config_file("configs/tokenizer.py:tokenizer=tiny"), generate=True)
+    assert aot._compile_fn(load_config_file(TINY), generate=True) is aot.compile_generation
+

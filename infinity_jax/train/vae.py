@@ -242,29 +242,49 @@ def make_optimizers(config: ml_collections.ConfigDict) -> tuple[dict, optax.Sche
     return {"generator": generator, "discriminator": discriminator}, schedule
 
 
-def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str) -> loop.Task:
-    from infinity_jax.eval.reconstruction import ReconstructionEval
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """What the jitted step needs, built from shapes alone (the trainer and `infinity_jax.aot` share it)."""
 
+    sc: VAEStepConfig
+    optimizers: dict
+    learning_rate: optax.Schedule
+    init: Any  # key -> VAEState (boxed)
+    abstract_state: VAEState  # sharded ShapeDtypeStructs
+    batch_sharding: jax.sharding.NamedSharding
+
+    def jit_step(self, schedule: Schedule, device_batch: dict, frozen: VAEFrozen):
+        """(the jitted step (state, frozen, batch) -> (state, metrics), the same function unjitted)."""
+        fn = functools.partial(train_step, sc=self.sc, optimizers=self.optimizers, learning_rate=self.learning_rate,
+                               schedule=schedule)  # fmt: skip
+        jitted = jax.jit(
+            fn,
+            in_shardings=(jax.tree.map(lambda x: x.sharding, self.abstract_state),
+                          jax.tree.map(lambda x: x.sharding, frozen),
+                          jax.tree.map(lambda _: self.batch_sharding, device_batch)),
+            out_shardings=(jax.tree.map(lambda x: x.sharding, self.abstract_state), None),
+            donate_argnums=0,
+        )  # fmt: skip
+        return jitted, fn
+
+
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> StepSetup:
     sc = step_config(config)
     optimizers, learning_rate = make_optimizers(config)
     init_fn = functools.partial(init_state, sc, optimizers)
     abstract = sharding.abstract_arrays(jax.eval_shape(init_fn, jax.random.key(0)), mesh, sc.rules)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    return StepSetup(sc, optimizers, learning_rate, init_fn, abstract, batch_sharding)
+
+
+def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdir: str) -> loop.Task:
+    from infinity_jax.eval.reconstruction import ReconstructionEval
+
+    setup = build(config, mesh)
+    sc, abstract = setup.sc, setup.abstract_state
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     lpips_params = perceptual.load_params() if sc.perceptual_weight > 0 or config.eval.lpips else None
     frozen = VAEFrozen(lpips=jax.device_put(lpips_params, replicated) if sc.perceptual_weight > 0 else None)
-    state_shardings = jax.tree.map(lambda x: x.sharding, abstract)
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-
-    def jit_step(schedule, device_batch):
-        fn = functools.partial(train_step, sc=sc, optimizers=optimizers, learning_rate=learning_rate, schedule=schedule)
-        jitted = jax.jit(
-            fn,
-            in_shardings=(state_shardings, jax.tree.map(lambda x: x.sharding, frozen),
-                          jax.tree.map(lambda _: batch_sharding, device_batch)),
-            out_shardings=(state_shardings, None),
-            donate_argnums=0,
-        )  # fmt: skip
-        return jitted, fn
 
     def init_from(state, path):
         generator = frozen_towers.tokenizer_params(path, sc.tokenizer, abstract.params["generator"])
@@ -283,9 +303,9 @@ def make_task(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, workdi
 
     return loop.Task(
         abstract_state=abstract,
-        init=lambda key: nn.unbox(init_fn(key)),
+        init=lambda key: nn.unbox(setup.init(key)),
         frozen=frozen,
-        jit_step=jit_step,
+        jit_step=functools.partial(setup.jit_step, frozen=frozen),
         cond="none",
         init_from=init_from,
         evaluate=evaluate if evaluator.enabled else None,
