@@ -13,6 +13,12 @@ teacher-forced; set `--config.eval.free_running=True` to also score each model o
         --config.data.path=emoji3d/metadata.jsonl --config.tokenizer.checkpoint=runs/tok/tokenizer
     python -m infinity_jax.scaling.fit runs/scaling/* --out runs/scaling/fit
 
+The largest size's step compiled for a TPU slice (`infinity_jax.aot` compiles the first size of `sizes`): depth8 at
+128², batch 64 on v5e:2x2 takes 0.84 of 16 GiB per chip:
+
+    python -m infinity_jax.aot --config configs/scaling.py:sizes=depth8,res=0.016M,batch=64 --topology v5e:2x2 \
+        --mesh data=1,fsdp=4,tensor=1
+
 A CPU smoke sweep on the test images (two tiny sizes, a few steps; `--list` prints one command per size):
 
     python -m infinity_jax.scaling.sweep --workdir /tmp/sweep \\
