@@ -76,4 +76,3 @@ def test_configs_without_a_train_step_are_clear_errors():
     with pytest.raises(ValueError, match="--generate needs a transformer config"):
         aot._compile_fn(load_config_file("configs/tokenizer.py:tokenizer=tiny"), generate=True)
     assert aot._compile_fn(load_config_file(TINY), generate=True) is aot.compile_generation
-
