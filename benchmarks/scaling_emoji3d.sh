@@ -11,10 +11,11 @@
 #   bsc        BSC strength 0 and 0.3 at BSC_SIZE, scored also on the model's own earlier scales
 #   vocab      a vocabulary sweep: for each bit depth d of VOCAB_BITS a tokenizer (as the tokenizer step) and the
 #              class sweep of VOCAB_SIZES on it, fitted together (one law per d)
+# Each sweep is then fitted (`infinity_jax.scaling.fit`), a sample grid is drawn per size, and the run summaries,
+# metrics, fits, plots and grids are packed into OUT/study.tar.gz (one file: the device returns at most eight).
 # SWEEP_MINUTES=M stops each sweep after M minutes (checkpointed; the same command resumes it) and SAMPLES=0 skips
-# the sample grids, so the study can be done in several GPU calls; PARALLEL=1 trains every size of a sweep (and draws
-# every grid) as its own process at once, which fills one large GPU with these small models; then it fits each sweep (`infinity_jax.scaling.fit`), draws a sample grid per size, and packs the run summaries,
-# metrics, fits, plots and grids into OUT/study.tar.gz (one file: the device returns at most eight).
+# the grids, so the study can be done in several GPU calls; PARALLEL=1 trains every size of a sweep (and draws every
+# grid) as its own process at once, which fills one large GPU with these small models.
 # CPU smoke run: HOLDOUT=3 WORKERS=0 TOKENIZER=random SIZES=depth1+depth2 TOKENS=2000 RES=0.004M DTYPE=float32 BATCH=8 \
 #   benchmarks/scaling_emoji3d.sh tests/assets/emoji3d/set/metadata.jsonl /tmp/study /tmp/study_out class
 set -euo pipefail
@@ -39,8 +40,11 @@ parallel=${PARALLEL:-0}
 summary="$work/summary"
 mkdir -p "$summary" "$out"
 common=(--config.data.path="$data" --config.data.workers="$workers" --config.data.holdout_every="$holdout")
+classes=(--class_id 0 --class_id 1 --class_id 2 --class_id 3 --class_id 4 --class_id 5 --class_id 6 --class_id 7
+  --class_id 8 --class_id 9)
 text_args=(--config.text.checkpoint=random --config.text.tokenizer=tests/assets/t5_tokenizer/tokenizer.json)
-if [ "$tokenizer" = random ]; then tok_args=(--config.tokenizer.checkpoint=random); tokenizer=tiny
+random_tokenizer=0
+if [ "$tokenizer" = random ]; then tok_args=(--config.tokenizer.checkpoint=random); tokenizer=tiny random_tokenizer=1
 else tok_args=(--config.tokenizer.checkpoint="$work/tok/tokenizer"); fi
 
 sweep() {  # name, sizes, config arguments, extra flags...
@@ -82,28 +86,23 @@ samples() {  # name, sampler arguments...
   done
 }
 
+source "$(dirname "$0")/tokenizer_recipe.sh"
 train_tokenizer() {  # workdir, bits (0: the layout's)
-  [ "$tokenizer" = tiny ] && return 0  # TOKENIZER=random: random weights, nothing to train
+  [ "$random_tokenizer" = 1 ] && return 0  # TOKENIZER=random: random weights, nothing to train
   $python -m infinity_jax.train_tokenizer --workdir "$1" \
-        --config "configs/tokenizer.py:tokenizer=$tokenizer,bits=$2,res=$res,batch=32" "${common[@]}" \
-        --config.tokenizer.dtype=bfloat16 \
-        --config.train.num_steps=100000 --config.train.max_minutes="$minutes" \
-        --config.train.eval_every=1000 --config.train.log_every=500 --config.train.checkpoint_every=100000 \
-        --config.train.ema_decay=0.995 --config.optim.lr=3e-4 --config.optim.warmup_steps=200 \
-        --config.loss.disc_start=2500 --config.loss.gan=0.1 --config.loss.lecam=0.05 \
-        --config.eval.resolutions="('$res',)" --config.eval.fid=False
+    --config "configs/tokenizer.py:tokenizer=$tokenizer,bits=$2,res=$res,batch=32" "${common[@]}" \
+    "${tokenizer_recipe[@]}" --config.train.log_every=500 --config.eval.resolutions="('$res',)"
 }
 
 for step in "$@"; do
   case $step in
     tokenizer)
       train_tokenizer "$work/tok" 0
-      cp "$work/tok/metrics.jsonl" "$summary/tokenizer_metrics.jsonl"
+      [ "$random_tokenizer" = 1 ] || cp "$work/tok/metrics.jsonl" "$summary/tokenizer_metrics.jsonl"
       ;;
     class)
       sweep class "$sizes" cond=class,classes=10
-      samples class --class_id 0 --class_id 1 --class_id 2 --class_id 3 --class_id 4 --class_id 5 --class_id 6 \
-        --class_id 7 --class_id 8 --class_id 9
+      samples class "${classes[@]}"
       ;;
     text)
       sweep text "$sizes" cond=text "${text_args[@]}"
@@ -118,15 +117,13 @@ for step in "$@"; do
         [ "$parallel" = 1 ] || wait
       done
       wait
-      samples bsc0.0 --class_id 0 --class_id 1 --class_id 2 --class_id 3 --class_id 4 --class_id 5 \
-        --class_id 6 --class_id 7 --class_id 8 --class_id 9
-      samples bsc0.3 --class_id 0 --class_id 1 --class_id 2 --class_id 3 --class_id 4 --class_id 5 \
-        --class_id 6 --class_id 7 --class_id 8 --class_id 9
+      samples bsc0.0 "${classes[@]}"
+      samples bsc0.3 "${classes[@]}"
       ;;
     vocab)
       for bits in $vocab_bits; do
         train_tokenizer "$work/tok_d$bits" "$bits"
-        [ "$tokenizer" = tiny ] || tok_args=(--config.tokenizer.checkpoint="$work/tok_d$bits/tokenizer")
+        [ "$random_tokenizer" = 1 ] || tok_args=(--config.tokenizer.checkpoint="$work/tok_d$bits/tokenizer")
         sweep "vocab_d$bits" "$vocab_sizes" "cond=class,classes=10,bits=$bits"
       done
       $python -m infinity_jax.scaling.fit "$work"/vocab_d*/*/ --out "$summary/vocab" | tee "$summary/vocab.txt" || true

@@ -11,14 +11,10 @@ data=$1 workdir=$2 out=$3 minutes=${4:-7}
 python=${PYTHON:-python3}
 config="configs/tokenizer.py:${ARGS:-tokenizer=d32,res=0.016M,batch=32}"
 holdout=${HOLDOUT:-20}
+source "$(dirname "$0")/tokenizer_recipe.sh"
 $python -m infinity_jax.train_tokenizer --config "$config" --workdir "$workdir" \
   --config.data.path="$data" --config.data.holdout_every="$holdout" --config.data.workers=12 \
-  --config.tokenizer.dtype=bfloat16 \
-  --config.train.num_steps=100000 --config.train.max_minutes="$minutes" \
-  --config.train.eval_every=1000 --config.train.log_every=100 --config.train.checkpoint_every=100000 \
-  --config.train.ema_decay=0.995 --config.optim.lr=3e-4 --config.optim.warmup_steps=200 \
-  --config.loss.disc_start=2500 --config.loss.gan=0.1 --config.loss.lecam=0.05 \
-  --config.eval.resolutions="('0.016M','0.06M')" --config.eval.fid=False
+  "${tokenizer_recipe[@]}" --config.train.log_every=100 --config.eval.resolutions="('0.016M','0.06M')"
 for res in 0.016M 0.06M; do
   size=$([ $res = 0.016M ] && echo 128 || echo 256)
   $python benchmarks/tokenizer_heldout.py reconstruct --config "$config" --tokenizer "$workdir/tokenizer" \

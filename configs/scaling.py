@@ -4,8 +4,8 @@ Arguments (after the colon): sizes (joined by +, e.g. depth2+depth3+depth4+depth
 parameters), tokens (training tokens per size; or flops, training FLOPs per size, which wins when > 0), evals
 (held-out evaluations per run), cond (class or text), classes, res (0.004M = 64², 0.016M = 128², …), tokenizer,
 bits (the tokenizer's bit depth d, 0 for its layout's; a vocabulary sweep runs one sweep per d, each with a
-tokenizer trained at that d, and fits them together), t5, batch, dtype (float32 or bfloat16). Every 20th record is held out (`data.holdout_every`) and evaluated
-teacher-forced; set `--config.eval.free_running=True` to also score each model on its own earlier scales, and
+tokenizer trained at that d, and fits them together), t5, batch, dtype (float32 or bfloat16). Every 20th record is
+held out (`data.holdout_every`) and evaluated teacher-forced; set `--config.eval.free_running=True` to also score each model on its own earlier scales, and
 `--config.bsc.strength` to compare Bitwise Self-Correction strengths.
 
     python -m infinity_jax.scaling.sweep --workdir runs/scaling \\

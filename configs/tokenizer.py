@@ -19,6 +19,7 @@ Check a TPU slice before renting it (the step compiled for the slice here, from 
 
     python -m infinity_jax.aot --config configs/tokenizer.py:tokenizer=d32,res=0.016M,batch=32 --topology v5e:2x2 \
         --mesh data=1,fsdp=4,tensor=1
+
 On one H200, d32 at 128², batch 32: 0.060 s/step (38.6 % MFU), held-out PSNR 28.9 dB after 6.5 minutes
 (benchmarks/RESULTS.md, benchmarks/tokenizer_emoji3d.sh); peak memory was not recorded by that run (metrics now log
 `peak_gib` on GPUs). Launch on a GPU host or on every worker of a TPU slice:

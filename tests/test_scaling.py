@@ -112,13 +112,13 @@ def test_sweep_trains_each_size_to_its_budget_skips_finished_ones_and_fits(tmp_p
 
 
 def test_a_stopped_size_is_not_done_and_resumes_to_its_budget(tmp_path):
-    stopped = sweep.run_size(_sweep_config(4000), "depth1", str(tmp_path), max_minutes=1e-9)  # stops at step 12
+    stopped = sweep.run_size(_sweep_config(4000), "depth1", str(tmp_path), max_minutes=1e-9)  # stops after step 1
     assert not stopped["done"]
     with open(tmp_path / "depth1" / sweep.RUN_INFO) as f:
         assert not json.load(f)["done"]
-    assert _evaluated_steps(tmp_path / "depth1") == [12]
+    assert _evaluated_steps(tmp_path / "depth1") == [1]
     resumed = sweep.run_size(_sweep_config(4000), "depth1", str(tmp_path))
-    assert resumed["done"] and _evaluated_steps(tmp_path / "depth1") == [12, 24]
+    assert resumed["done"] and _evaluated_steps(tmp_path / "depth1") == [1, 12, 24]
 
 
 def test_fit_cli_on_a_vocabulary_sweep(tmp_path, capsys):

@@ -8,8 +8,8 @@ the runs at one training budget, the largest that the most runs have reached (th
 finished; a run stopped short of it is named and left out of L(N)): each run's last evaluation at or below it,
 against its non-embedding parameters (the blocks; `--x params` for all). L(C) uses every evaluation of every run
 and fits the compute-efficient frontier (the points no cheaper point beats), so runs still in progress count with
-what they have evaluated so far. Runs of different bit depths d (vocabulary sweeps) are
-fitted and drawn separately.
+what they have evaluated so far. Runs of different bit depths d (vocabulary sweeps) are fitted and drawn
+separately.
 """
 
 from __future__ import annotations

@@ -117,13 +117,15 @@ def _preempted(stop: _StopSignal, manager: checkpoint.Checkpointer, step: int) -
 
 
 def _out_of_time(deadline: float | None, step: int, log_every: int) -> bool:
-    """Whether `train.max_minutes` is spent; checked at logging steps only, where every process agrees on it."""
-    if deadline is None or step % log_every:
+    """Whether `train.max_minutes` is spent: after every step in one process; with several, at logging steps only,
+    where process 0 decides (clocks differ, and the processes must stop at the same step)."""
+    if deadline is None:
         return False
-    late = time.monotonic() > deadline
-    if jax.process_count() > 1:  # clocks differ: process 0 decides, or the processes would stop at different steps
-        late = bool(multihost_utils.broadcast_one_to_all(np.bool_(late)))
-    return late
+    if jax.process_count() == 1:
+        return time.monotonic() > deadline
+    if step % log_every:
+        return False
+    return bool(multihost_utils.broadcast_one_to_all(np.bool_(time.monotonic() > deadline)))
 
 
 def training_source(config: ml_collections.ConfigDict):
