@@ -13,6 +13,9 @@
 #              class sweep of VOCAB_SIZES on it, fitted together (one law per d)
 # Each sweep is then fitted (`infinity_jax.scaling.fit`), a sample grid is drawn per size, and the run summaries,
 # metrics, fits, plots and grids are packed into OUT/study.tar.gz (one file: the device returns at most eight).
+# LATENTS=1 (the default) encodes the images once per tokenizer and conditioning (`infinity_jax.data.precompute`:
+# latents, labels, T5 features) and trains every size on those records; LATENTS=0 decodes and encodes the images in
+# every step (the sweeps are then bound by JPEG/WebP decoding, not the GPU).
 # SWEEP_MINUTES=M stops each sweep after M minutes (checkpointed; the same command resumes it) and SAMPLES=0 skips
 # the grids, so the study can be done in several GPU calls; PARALLEL=1 trains every size of a sweep (and draws every
 # grid) as its own process at once, which fills one large GPU with these small models.
@@ -37,22 +40,44 @@ holdout=${HOLDOUT:-20}
 sweep_minutes=${SWEEP_MINUTES:-0}
 draw=${SAMPLES:-1}
 parallel=${PARALLEL:-0}
+latents=${LATENTS:-1}
 summary="$work/summary"
 mkdir -p "$summary" "$out"
-common=(--config.data.path="$data" --config.data.workers="$workers" --config.data.holdout_every="$holdout")
+common=(--config.data.workers="$workers" --config.data.holdout_every="$holdout")
 classes=(--class_id 0 --class_id 1 --class_id 2 --class_id 3 --class_id 4 --class_id 5 --class_id 6 --class_id 7
   --class_id 8 --class_id 9)
 text_args=(--config.text.checkpoint=random --config.text.tokenizer=tests/assets/t5_tokenizer/tokenizer.json)
 random_tokenizer=0
-if [ "$tokenizer" = random ]; then tok_args=(--config.tokenizer.checkpoint=random); tokenizer=tiny random_tokenizer=1
-else tok_args=(--config.tokenizer.checkpoint="$work/tok/tokenizer"); fi
+[ "$tokenizer" = random ] && tokenizer=tiny random_tokenizer=1
+use_tokenizer() {  # the tokenizer's workdir: sets tok_dir and tok_args (random weights for TOKENIZER=random)
+  tok_dir=$1
+  if [ "$random_tokenizer" = 1 ]; then tok_args=(--config.tokenizer.checkpoint=random)
+  else tok_args=(--config.tokenizer.checkpoint="$tok_dir/tokenizer"); fi
+}
+use_tokenizer "$work/tok"
+
+data_args() {  # config arguments (cond=…) -> sets data_args: the images, or their records encoded once
+  if [ "$latents" = 0 ]; then data_args=(--config.data.path="$data"); return; fi
+  local records="$tok_dir/latents_${1//[=,]/_}"
+  if [ ! -f "$records/index.json" ]; then
+    local extra=()
+    [[ $1 == *cond=text* ]] && extra=("${text_args[@]}")
+    $python -m infinity_jax.data.precompute --out "$records.$$" \
+      --config "configs/scaling.py:$1,res=$res,tokenizer=$tokenizer,dtype=$dtype" --config.data.path="$data" \
+      "${tok_args[@]}" "${extra[@]}"
+    # Steps run at once may encode the same records: the first to finish keeps its copy.
+    mv -T "$records.$$" "$records" 2>/dev/null || rm -rf "$records.$$"
+  fi
+  data_args=(--config.data.source=array_record --config.data.path="$records" --config.data.precomputed=True)
+}
 
 sweep() {  # name, sizes, config arguments, extra flags...
   local name=$1 names=$2 args=$3
   shift 3
+  data_args "$args"
   local train=($python -m infinity_jax.scaling.sweep --workdir "$work/$name" --config \
     "configs/scaling.py:sizes=$names,$args,res=$res,tokenizer=$tokenizer,tokens=$tokens,dtype=$dtype,batch=$batch" \
-    "${common[@]}" "${tok_args[@]}" --max_minutes="$sweep_minutes" "$@")
+    "${common[@]}" "${data_args[@]}" "${tok_args[@]}" --max_minutes="$sweep_minutes" "$@")
   if [ "$parallel" = 1 ]; then
     mkdir -p "$work/$name"
     for size in ${names//+/ }; do "${train[@]}" --only="$size" > "$work/$name/$size.log" 2>&1 & done
@@ -91,6 +116,7 @@ train_tokenizer() {  # workdir, bits (0: the layout's)
   [ "$random_tokenizer" = 1 ] && return 0  # TOKENIZER=random: random weights, nothing to train
   $python -m infinity_jax.train_tokenizer --workdir "$1" \
     --config "configs/tokenizer.py:tokenizer=$tokenizer,bits=$2,res=$res,batch=32" "${common[@]}" \
+    --config.data.path="$data" \
     "${tokenizer_recipe[@]}" --config.train.log_every=500 --config.eval.resolutions="('$res',)"
 }
 
@@ -123,7 +149,7 @@ for step in "$@"; do
     vocab)
       for bits in $vocab_bits; do
         train_tokenizer "$work/tok_d$bits" "$bits"
-        [ "$random_tokenizer" = 1 ] || tok_args=(--config.tokenizer.checkpoint="$work/tok_d$bits/tokenizer")
+        use_tokenizer "$work/tok_d$bits"
         sweep "vocab_d$bits" "$vocab_sizes" "cond=class,classes=10,bits=$bits"
       done
       $python -m infinity_jax.scaling.fit "$work"/vocab_d*/*/ --out "$summary/vocab" | tee "$summary/vocab.txt" || true
