@@ -62,11 +62,11 @@ data_args() {  # config arguments (cond=…) -> sets data_args: the images, or t
   if [ ! -f "$records/index.json" ]; then
     local extra=()
     [[ $1 == *cond=text* ]] && extra=("${text_args[@]}")
-    $python -m infinity_jax.data.precompute --out "$records.$$" \
+    $python -m infinity_jax.data.precompute --out "$records.$BASHPID" \
       --config "configs/scaling.py:$1,res=$res,tokenizer=$tokenizer,dtype=$dtype" --config.data.path="$data" \
       "${tok_args[@]}" "${extra[@]}"
     # Steps run at once may encode the same records: the first to finish keeps its copy.
-    mv -T "$records.$$" "$records" 2>/dev/null || rm -rf "$records.$$"
+    mv -T "$records.$BASHPID" "$records" 2>/dev/null || rm -rf "$records.$BASHPID"
   fi
   data_args=(--config.data.source=array_record --config.data.path="$records" --config.data.precomputed=True)
 }
