@@ -176,9 +176,10 @@ def main(argv=None):
         print(rows[-1], flush=True)
     versions = f"jax {jax.__version__}"
     text_where = {"t5": "Flan-T5-XL layout inside the step", "features": "T5 features given (as the official step)"}
+    text_source = " / ".join(text_where[t] for t in args.text.split(","))
     description = (
         f"Device: {device.device_kind}; {versions}. {args.size}, random weights, bf16 compute, fp32 params/AdamW, "
-        f"scanned blocks; d32 tokenizer + BSC inside the step; {' / '.join(text_where[t] for t in args.text.split(','))}; median of {args.repeats} steps."
+        f"scanned blocks; d32 tokenizer + BSC inside the step; {text_source}; median of {args.repeats} steps."
     )
     report(f"Training step, {args.size}", description, rows, args.results)
 

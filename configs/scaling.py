@@ -5,8 +5,8 @@ parameters), tokens (training tokens per size; or flops, training FLOPs per size
 (held-out evaluations per run), cond (class or text), classes, res (0.004M = 64², 0.016M = 128², …), tokenizer,
 bits (the tokenizer's bit depth d, 0 for its layout's; a vocabulary sweep runs one sweep per d, each with a
 tokenizer trained at that d, and fits them together), t5, batch, dtype (float32 or bfloat16). Every 20th record is
-held out (`data.holdout_every`) and evaluated teacher-forced; set `--config.eval.free_running=True` to also score each model on its own earlier scales, and
-`--config.bsc.strength` to compare Bitwise Self-Correction strengths.
+held out (`data.holdout_every`) and evaluated teacher-forced; set `--config.eval.free_running=True` to also score
+each model on its own earlier scales, and `--config.bsc.strength` to compare Bitwise Self-Correction strengths.
 
     python -m infinity_jax.scaling.sweep --workdir runs/scaling \\
         --config configs/scaling.py:cond=class,classes=10,res=0.016M,tokenizer=d32,tokens=2e7,dtype=bfloat16 \\
