@@ -1,5 +1,6 @@
 # The tokenizer recipe of the 28.9 dB emoji3d run (benchmarks/RESULTS.md), sourced by tokenizer_emoji3d.sh and
-# scaling_emoji3d.sh so both train the same tokenizer. Defines tokenizer_recipe=(config flags) for $minutes.
+# scaling_emoji3d.sh so both train the same tokenizer. Defines tokenizer_recipe=(config flags) for $minutes, which
+# include the ~2 minutes of compilation on an H200 (2.5 minutes gave only 155–644 steps there).
 # shellcheck shell=bash
 tokenizer_recipe=(
   --config.tokenizer.dtype=bfloat16
