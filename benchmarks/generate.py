@@ -98,7 +98,7 @@ def main(argv=None):
     )
     params = nn.unbox(init()["params"])
     if not args.as_trained:
-        params, config = gen.for_inference(params, config)  # unrolled bf16 blocks
+        params, config = gen.for_inference(params, config)  # bf16 block weights
     tok = Tokenizer.init(TOKENIZERS["d32reg"], jax.random.key(2), dtype=jnp.bfloat16)
     device = jax.devices()[0]
     peak = peak_tflops(device)

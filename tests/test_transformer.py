@@ -364,16 +364,20 @@ def test_stochastic_depth_in_training_only():
     assert float(jnp.abs(run(False, 0) - run(False, 1)).max()) > 1e-3
 
 
+@pytest.mark.parametrize("kernel", ["splash", "prefix"])
 @pytest.mark.parametrize("h_div_w, resolution", [(1.0, "0.016M"), (0.5, "0.016M")])
-def test_splash_attention_equals_dense_block_causal(h_div_w, resolution):
-    """The TPU splash kernel (interpreted on CPU) against the dense masked attention: values and gradients, on a
-    square and a non-square schedule whose lengths (121, 81) are padded to the kernel's 128-token blocks."""
-    from infinity_jax.ops.attention import attention, block_causal_mask
+def test_block_causal_kernels_equal_dense_masked_attention(kernel, h_div_w, resolution):
+    """The training attention against one call with the dense [L, L] mask, values and gradients, on a square and
+    a non-square schedule: the TPU splash kernel (interpreted on CPU; lengths 121 and 81 padded to its 128-token
+    blocks) and the GPU/XLA path, one masked call for the small scales and an unmasked call over its key prefix
+    for each scale of >= 64 tokens."""
+    from infinity_jax.ops.attention import attention, block_causal_mask, prefix_attention, scale_groups
     from infinity_jax.ops.splash import block_causal_attention, padded_block_causal_mask
 
     schedule = schedules.infinity_schedule(h_div_w, resolution)
     length = schedule.num_tokens
     assert padded_block_causal_mask(schedule, 128).shape == (128, 128) and length % 128
+    assert scale_groups(schedule) == {1.0: ((0, 4), (4, 5)), 0.5: ((0, 5),)}[h_div_w]
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, cotangent = (jax.random.normal(key, (2, length, 2, 32)) for key in keys)
     mask = jnp.asarray(block_causal_mask(schedule))[None, None]
@@ -381,11 +385,13 @@ def test_splash_attention_equals_dense_block_causal(h_div_w, resolution):
     def dense(q, k, v):
         return attention(q, k, v, scale=0.3, mask=mask)
 
-    def splash(q, k, v):
-        return block_causal_attention(q, k, v, schedule, scale=0.3, interpret=True)
+    def fused(q, k, v):
+        if kernel == "splash":
+            return block_causal_attention(q, k, v, schedule, scale=0.3, interpret=True)
+        return prefix_attention(q, k, v, schedule, scale=0.3, implementation="xla")
 
-    np.testing.assert_allclose(splash(q, k, v), dense(q, k, v), atol=1e-5)
-    grads = [jax.grad(lambda *x, f=f: jnp.sum(f(*x) * cotangent), argnums=(0, 1, 2))(q, k, v) for f in (dense, splash)]
+    np.testing.assert_allclose(fused(q, k, v), dense(q, k, v), atol=1e-5)
+    grads = [jax.grad(lambda *x, f=f: jnp.sum(f(*x) * cotangent), argnums=(0, 1, 2))(q, k, v) for f in (dense, fused)]
     for expected, got in zip(*grads, strict=True):
         np.testing.assert_allclose(got, expected, atol=1e-4)
 

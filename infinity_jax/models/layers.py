@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from infinity_jax.ops.attention import attention
+from infinity_jax.ops.attention import attention, prefix_attention
 from infinity_jax.ops.rope import apply_rope
 from infinity_jax.ops.splash import block_causal_attention
 
@@ -139,8 +139,9 @@ class SelfAttention(_Attention):
     """
 
     @nn.compact
-    def __call__(self, x, rope, mask=None, cache=None, start: int = 0, layer=0, schedule=None):
-        """x: [B, n, C]; rope: (cos, sin) [n, hd/2], or None (no RoPE: VAR's absolute positions); cache: (k, v)
+    def __call__(self, x, rope, schedule=None, cache=None, start: int = 0, layer=0):
+        """x: [B, n, C]; rope: (cos, sin) [n, hd/2], or None (no RoPE: VAR's absolute positions); schedule: given in
+        training, where x is the whole sequence under the schedule's block-causal mask; cache: (k, v)
         [depth, B, L, H, hd] of all layers, or None.
 
         With a cache, this layer's new keys/values are written in place at [layer, :, start : start + n] and the
@@ -169,11 +170,14 @@ class SelfAttention(_Attention):
                 for c, t in zip(cache, (k, v), strict=True)
             )
             k, v = (jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), (1, b, start + n, h, hd))[0] for c in cache)
-        if self.attention_impl.startswith("splash") and mask is not None:
+        q = q.astype(self.dtype)
+        if schedule is None:
+            out = attention(q, k, v, scale=1.0, implementation=self.kernel)
+        elif self.attention_impl.startswith("splash"):
             interpret = self.attention_impl == "splash_interpret"
-            out = block_causal_attention(q.astype(self.dtype), k, v, schedule, scale=1.0, interpret=interpret)
+            out = block_causal_attention(q, k, v, schedule, scale=1.0, interpret=interpret)
         else:
-            out = attention(q.astype(self.dtype), k, v, scale=1.0, mask=mask, implementation=self.kernel)
+            out = prefix_attention(q, k, v, schedule, scale=1.0, implementation=self.kernel)
         out = dense(
             self.head_dim * self.num_heads,
             ("heads", "kv", "embed"),

@@ -41,7 +41,7 @@ from infinity_jax.models.layers import (
     modulate,
     normal,
 )
-from infinity_jax.ops.attention import IMPLEMENTATIONS, block_causal_mask
+from infinity_jax.ops.attention import IMPLEMENTATIONS
 from infinity_jax.ops.rope import rope_table
 from infinity_jax.schedules import Schedule, var_schedule
 
@@ -176,11 +176,11 @@ class Condition:
 @struct.dataclass
 class BlockContext:
     """Per-call inputs shared by all blocks: conditioning, RoPE rows of the tokens (None with absolute positions),
-    mask, guidance weight, and the schedule (static; the splash kernel builds its block-sparse mask from it)."""
+    guidance weight, and, in training, the schedule (static) whose block-causal mask the whole sequence attends
+    under."""
 
     condition: Condition
     rope: tuple[jax.Array, jax.Array] | None
-    mask: jax.Array | None = None
     cfg: jax.Array | None = None
     schedule: Schedule | None = struct.field(pytree_node=False, default=None)
 
@@ -231,7 +231,7 @@ class Block(nn.Module):
             attention_impl=c.attention,
         )
         attn, cache = SelfAttention(**heads, name="sa")(
-            modulate(x, scale1, shift1).astype(dtype), ctx.rope, ctx.mask, cache, self.start, layer, ctx.schedule
+            modulate(x, scale1, shift1).astype(dtype), ctx.rope, ctx.schedule, cache, self.start, layer
         )
         x = x + drop_path(attn.astype(jnp.float32) * gamma1, rate, self.deterministic, self)
         if ctx.condition.memory is not None:
@@ -400,9 +400,7 @@ class Infinity(nn.Module):
         x = jnp.concatenate([self.sos(condition.cond), self.embed(inputs)], axis=1)
         positions, rope = self._positions(schedule, 0, schedule.num_tokens)
         x = x + self.lvl_embed(jnp.asarray(schedule.scale_ids()))[None] + positions
-        ctx = BlockContext(
-            condition, rope, mask=jnp.asarray(block_causal_mask(schedule))[None, None], schedule=schedule
-        )
+        ctx = BlockContext(condition, rope, schedule=schedule)
         x, _ = self.blocks(x, ctx, deterministic=deterministic)
         return self.logits(x, condition.cond)
 

@@ -1,8 +1,10 @@
 """Attention kernels and the next-scale masks.
 
 Training attends over the whole sequence with the block-causal mask (a token of scale k sees every token of
-scales ≤ k, its own scale included). Generation attends the new scale's queries over the KV cache of all scales
-so far, which needs no mask. The kernel is `jax.nn.dot_product_attention`: XLA's on every backend, or cuDNN's
+scales ≤ k, its own scale included). That mask is a key prefix per scale, so training runs one call per large
+scale over its prefix (no mask, and none of the masked-out half of the L×L scores) and one masked call for the
+small scales (`prefix_attention`). Generation attends the new scale's queries over the KV cache of all
+scales so far, which needs no mask. The kernel is `jax.nn.dot_product_attention`: XLA's on every backend, or cuDNN's
 fused kernel on NVIDIA GPUs ("cudnn", bf16/fp16 only), picked per call.
 """
 
@@ -19,6 +21,9 @@ from infinity_jax.schedules import Schedule
 IMPLEMENTATIONS = ("xla", "cudnn")
 # cuDNN's fused attention with a mask takes sequence lengths in multiples of its tile; shorter ones are padded.
 CUDNN_BLOCK = 64
+# In training, a scale of at least this many tokens attends in a call of its own; the smaller scales share one
+# masked call, whose few thousand scores cost less than a call (and its backward) per scale.
+OWN_CALL_TOKENS = 64
 
 
 @functools.cache
@@ -26,6 +31,52 @@ def block_causal_mask(schedule: Schedule) -> np.ndarray:
     """[L, L] bool: query i may attend key j iff scale(j) <= scale(i)."""
     ids = schedule.scale_ids()
     return ids[:, None] >= ids[None, :]
+
+
+@functools.cache
+def scale_groups(schedule: Schedule, own_call_tokens: int = OWN_CALL_TOKENS) -> tuple[tuple[int, int], ...]:
+    """Scale ranges [a, b) of the training attention's calls: the leading scales of fewer than `own_call_tokens`
+    tokens together, then every other scale alone. Queries of scales a..b−1 see keys 0..offsets[b] only."""
+    sizes = schedule.tokens_per_scale
+    first = next((k for k, n in enumerate(sizes) if n >= own_call_tokens and k > 0), len(sizes))
+    return ((0, first), *((k, k + 1) for k in range(first, len(sizes))))
+
+
+def prefix_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, schedule: Schedule, *, scale: float, implementation: str
+) -> jax.Array:
+    """Attention under the schedule's block-causal mask, one call per `scale_groups` range.
+
+    A group's queries attend over the key prefix that ends with the group, with a mask only when the group holds
+    several scales; the outputs equal those of one call with the [L, L] mask, without computing (and, with cuDNN,
+    reading a bias for) the scores the mask removes.
+
+    Args:
+      query, key, value: [B, L, H, D], L = schedule.num_tokens.
+      scale, implementation: as `attention`.
+
+    Returns:
+      [B, L, H, D] in the query's dtype.
+    """
+    if query.shape[1] != schedule.num_tokens or key.shape[1] != schedule.num_tokens:
+        raise ValueError(
+            f"block-causal attention needs the whole sequence ({schedule.num_tokens} tokens) as queries and keys, "
+            f"got {query.shape[1]} and {key.shape[1]}"
+        )
+    offsets, mask = schedule.offsets, block_causal_mask(schedule)
+    outputs = []
+    for a, b in scale_groups(schedule):
+        start, end = offsets[a], offsets[b]
+        group_mask = jnp.asarray(mask[start:end, :end])[None, None] if b - a > 1 else None
+        kv_lengths = None
+        if implementation == "cudnn" and group_mask is None and ((end - start) % 2 or end % 2):
+            # cuDNN's backward rejects odd lengths; its variable-length call pads them instead.
+            kv_lengths = jnp.full(query.shape[:1], end, jnp.int32)
+        group = (query[:, start:end], key[:, :end], value[:, :end])
+        outputs.append(
+            attention(*group, scale=scale, mask=group_mask, kv_lengths=kv_lengths, implementation=implementation)
+        )
+    return jnp.concatenate(outputs, axis=1)
 
 
 def attention(
