@@ -3,6 +3,7 @@ REFERENCE §8.2 (official, H100: 2B at 256² batch 16 11.7k tokens/s, at 512² b
 
     python benchmarks/train_step.py --results benchmarks/RESULTS.md
     python benchmarks/train_step.py --cells 0.06M:16 --attention xla,cudnn --remat nothing_saveable,dots_saveable
+    python benchmarks/train_step.py --cells 0.06M:16 --devices 1,2,4 --parallel fsdp   # scaling over GPUs
 
 The step is the trainer's (`train.trainer.build` / `jit_step`): the frozen d32 tokenizer encodes uint8 images and
 Bitwise Self-Correction makes the targets inside it, the frozen Flan-T5-XL-layout encoder runs on `--text_len`
@@ -13,6 +14,10 @@ is the same) and without rematerialisation (recomputation is not model work); MF
 peak. "targets %" is the share of the step spent in tokenizer encode +
 BSC, timed as its own jitted function on the same batch. Every cell runs in its own process, so that its peak GPU
 memory is its own.
+
+Scaling over GPUs (`--devices 1,2,4`): each cell's batch is per device (weak scaling: n devices train n × batch
+images per step) on a mesh of the first n devices along `--parallel` (data: replicated parameters; fsdp:
+parameters and optimizer state sharded). "scaling" is tokens/s on n devices over n × tokens/s on one.
 """
 
 from __future__ import annotations
@@ -63,8 +68,16 @@ def make_batch(config, schedule, text):
     return batch
 
 
-def bench(config, args, text):
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(-1, 1, 1), ("data", "fsdp", "tensor"))
+def make_mesh(num_devices: int, parallel: str) -> jax.sharding.Mesh:
+    """The first num_devices devices along the data or the fsdp axis."""
+    devices = jax.devices()
+    if num_devices > len(devices):
+        raise ValueError(f"{num_devices} devices asked for, {len(devices)} present")
+    shape = (num_devices, 1, 1) if parallel == "data" else (1, num_devices, 1)
+    return jax.sharding.Mesh(np.asarray(devices[:num_devices]).reshape(shape), ("data", "fsdp", "tensor"))
+
+
+def bench(config, args, text, mesh):
     setup = trainer.build(config, mesh)
     frozen = frozen_towers.load(config, mesh, setup.step_config)
     schedule = schedules.infinity_schedule(1.0, config.schedule.resolution)
@@ -100,11 +113,12 @@ def bench(config, args, text):
 
 
 def one_cell(args) -> None:
-    """--single RES:BATCH:ATTENTION:REMAT: measures one cell, prints one JSON line."""
-    res, batch, attention, remat, text = args.single.split(":")
-    config = make_config(args.size, res, int(batch), attention, remat, args.text_len, args.text_tokenizer,
+    """--single RES:BATCH:ATTENTION:REMAT:TEXT:DEVICES: measures one cell (batch per device), prints one JSON line."""
+    res, batch, attention, remat, text, devices = args.single.split(":")
+    devices = int(devices)
+    config = make_config(args.size, res, int(batch) * devices, attention, remat, args.text_len, args.text_tokenizer,
                          args.config_args)  # fmt: skip
-    seconds, target_s, flops, peak, tokens = bench(config, args, text)
+    seconds, target_s, flops, peak, tokens = bench(config, args, text, make_mesh(devices, args.parallel))
     print(
         "CELL " + json.dumps({"seconds": seconds, "targets": target_s, "flops": flops, "peak": peak, "tokens": tokens})
     )
@@ -124,6 +138,8 @@ def main(argv=None):
         help="t5: the frozen T5 encoder runs inside the step; features: the step gets T5 features (as the official "
         "train_step, whose T5 runs outside it); or both, comma-separated",
     )
+    parser.add_argument("--devices", default="", help="device counts, e.g. 1,2,4 (default: one device)")
+    parser.add_argument("--parallel", default="data", choices=["data", "fsdp"], help="the mesh axis the devices form")
     parser.add_argument("--text_tokenizer", default="tests/assets/t5_tokenizer/tokenizer.json")
     parser.add_argument("--config_args", default="", help="more config arguments, e.g. ,tokenizer=tiny,t5=tiny")
     parser.add_argument("--warmup", type=int, default=3)
@@ -137,41 +153,49 @@ def main(argv=None):
     device = jax.devices()[0]
     peak_tf = peak_tflops(device)
     rows = [
-        "| res | batch | attention | remat | text (len) | s/step | tokens/s | images/s | TFLOP/step | TFLOP/s | MFU | "
-        "targets % | peak GiB | official tokens/s (H100) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| res | batch/device | devices | attention | remat | text (len) | s/step | tokens/s | images/s | TFLOP/step | "
+        "TFLOP/s | MFU | scaling | targets % | peak GiB/device | official tokens/s (H100) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cells = [c.split(":") for c in args.cells.split(",")]
-    grid = itertools.product(cells, args.attention.split(","), args.remat.split(","), args.text.split(","))
-    for (res, batch), attention, remat, text in grid:
-        command = [sys.executable, __file__, "--single", f"{res}:{batch}:{attention}:{remat}:{text}", "--size", args.size,
+    device_counts = [int(n) for n in args.devices.split(",")] if args.devices else [1]
+    grid = itertools.product(
+        cells, args.attention.split(","), args.remat.split(","), args.text.split(","), device_counts
+    )
+    single_device = {}  # tokens/s on one device, per cell, for the scaling column
+    for (res, batch), attention, remat, text, n in grid:
+        name = f"{res}:{batch}:{attention}:{remat}:{text}"
+        where = f"{n} {args.parallel if n > 1 else ''}".strip()
+        command = [sys.executable, __file__, "--single", f"{name}:{n}", "--size", args.size, "--parallel", args.parallel,
                    "--text_len", str(args.text_len), "--text_tokenizer", args.text_tokenizer, "--warmup",
                    str(args.warmup), "--repeats", str(args.repeats), "--config_args", args.config_args]  # fmt: skip
         if args.profile:
-            command += ["--profile", f"{args.profile}/{res}-{batch}-{attention}-{remat}-{text}"]
+            command += ["--profile", f"{args.profile}/{name.replace(':', '-')}-{n}"]
         done = subprocess.run(command, capture_output=True, text=True)
         found = [line for line in done.stdout.splitlines() if line.startswith("CELL ")]
         if done.returncode or not found:  # one failing cell (e.g. out of memory) should not lose the others
             errors = [line for line in done.stderr.splitlines() if "Error" in line] or ["?"]
-            last = errors[-1][:100]
-            rows.append(
-                f"| {res} | {batch} | {attention} | {remat} | {text} {args.text_len} | failed: {last} |||||||||"
-            )
+            rows.append(f"| {res} | {batch} | {where} | {attention} | {remat} | {text} {args.text_len} | "
+                        f"failed: {errors[-1][:100]} |||||||||")  # fmt: skip
             print(rows[-1], flush=True)
             continue
         for line in done.stdout.splitlines():
             if line.startswith("PROFILE "):
-                print(f"\nWhere the step's time goes ({res}, batch {batch}, {attention}, {remat}, {text}):", flush=True)
+                print(f"\nWhere the step's time goes ({name}, {where} devices):", flush=True)
                 print("\n".join(json.loads(line[8:])) + "\n", flush=True)
         cell = json.loads(found[-1][5:])
         seconds, target_s, flops, peak, tokens = (cell[k] for k in ("seconds", "targets", "flops", "peak", "tokens"))
+        images = int(batch) * n
+        tokens_per_s = images * tokens / seconds
+        if n == 1:
+            single_device[name] = tokens_per_s
+        scaling = f"{tokens_per_s / (n * single_device[name]):.0%}" if name in single_device else "–"
         tflops = flops / seconds / 1e12
-        mfu = f"{tflops / peak_tf:.0%}" if peak_tf else "–"
+        mfu = f"{tflops / (n * peak_tf):.0%}" if peak_tf else "–"
         rows.append(
-            f"| {res} | {batch} | {attention} | {remat} | {text} {args.text_len} | {seconds:.3f} | "
-            f"{int(batch) * tokens / seconds / 1e3:.1f}k | {int(batch) / seconds:.1f} | {flops / 1e12:.1f} | "
-            f"{tflops:.0f} | {mfu} | {target_s / seconds:.0%} | {peak:.1f} | "
-            f"{OFFICIAL_TOKENS_PER_S.get((res, int(batch)), '–')} |"
+            f"| {res} | {batch} | {where} | {attention} | {remat} | {text} {args.text_len} | {seconds:.3f} | "
+            f"{tokens_per_s / 1e3:.1f}k | {images / seconds:.1f} | {flops / 1e12:.1f} | {tflops:.0f} | {mfu} | "
+            f"{scaling} | {target_s / seconds:.0%} | {peak:.1f} | {OFFICIAL_TOKENS_PER_S.get((res, images), '–')} |"
         )
         print(rows[-1], flush=True)
     versions = f"jax {jax.__version__}"
@@ -179,7 +203,8 @@ def main(argv=None):
     text_source = " / ".join(text_where[t] for t in args.text.split(","))
     description = (
         f"Device: {device.device_kind}; {versions}. {args.size}, random weights, bf16 compute, fp32 params/AdamW, "
-        f"scanned blocks; d32 tokenizer + BSC inside the step; {text_source}; median of {args.repeats} steps."
+        f"scanned blocks; frozen tokenizer + BSC inside the step; {text_source}; median of {args.repeats} steps; "
+        f"devices {args.devices or 1} ({args.parallel} parallel beyond one), batch per device."
     )
     report(f"Training step, {args.size}", description, rows, args.results)
 
