@@ -104,15 +104,17 @@ def main(argv=None):
     peak = peak_tflops(device)
     rows = [bench_resolution(params, config, tok, text, mask, r, args) for r in args.resolutions.split(",")]
     lines = [
-        "| res | tokens | transformer s | + decode s | compile s | TFLOP | TFLOP/s | MFU | peak GiB | official s (H100) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| res | tokens | transformer s | + decode s | images/s | compile s | TFLOP | TFLOP/s | MFU | peak GiB | "
+        "official s (H100) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for resolution, pixels, tokens, cells, flops, mem in rows:
         seconds = cells[False][0]
         tflops = flops / seconds / 1e12
         mfu = f"{tflops / peak:.0%}" if peak else "n/a"
         lines.append(
-            f"| {pixels}² | {tokens} | {seconds:.3f} | {cells[True][0]:.3f} | {cells[True][1]:.0f} | {flops / 1e12:.1f} | "
+            f"| {pixels}² | {tokens} | {seconds:.3f} | {cells[True][0]:.3f} | {args.batch / cells[True][0]:.1f} | "
+            f"{cells[True][1]:.0f} | {flops / 1e12:.1f} | "
             f"{tflops:.0f} | {mfu} | {mem:.1f} | {OFFICIAL_SECONDS.get(resolution, '–')} |"
         )
     description = (
