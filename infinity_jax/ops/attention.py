@@ -2,7 +2,7 @@
 
 Training attends over the whole sequence with the block-causal mask (a token of scale k sees every token of
 scales ≤ k, its own scale included). That mask is a key prefix per scale, so training runs one call per large
-scale over its prefix (no mask, and none of the masked-out half of the L×L scores) and one masked call for the
+scale over its prefix (no mask, and none of the masked-out third of the L×L scores) and one masked call for the
 small scales (`prefix_attention`). Generation attends the new scale's queries over the KV cache of all
 scales so far, which needs no mask. The kernel is `jax.nn.dot_product_attention`: XLA's on every backend, or cuDNN's
 fused kernel on NVIDIA GPUs ("cudnn", bf16/fp16 only), picked per call.
@@ -34,11 +34,11 @@ def block_causal_mask(schedule: Schedule) -> np.ndarray:
 
 
 @functools.cache
-def scale_groups(schedule: Schedule, own_call_tokens: int = OWN_CALL_TOKENS) -> tuple[tuple[int, int], ...]:
-    """Scale ranges [a, b) of the training attention's calls: the leading scales of fewer than `own_call_tokens`
+def scale_groups(schedule: Schedule) -> tuple[tuple[int, int], ...]:
+    """Scale ranges [a, b) of the training attention's calls: the leading scales of fewer than OWN_CALL_TOKENS
     tokens together, then every other scale alone. Queries of scales a..b−1 see keys 0..offsets[b] only."""
     sizes = schedule.tokens_per_scale
-    first = next((k for k, n in enumerate(sizes) if n >= own_call_tokens and k > 0), len(sizes))
+    first = next((k for k, n in enumerate(sizes) if n >= OWN_CALL_TOKENS and k > 0), len(sizes))
     return ((0, first), *((k, k + 1) for k in range(first, len(sizes))))
 
 
