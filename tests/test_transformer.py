@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from infinity_jax import quantizer, schedules, sharding
 from infinity_jax.generate import for_inference, generate, sample_bits
-from infinity_jax.models import sizes
+from infinity_jax.models import layers, sizes
 from infinity_jax.models.bsq_vae import TokenizerConfig
 from infinity_jax.models.transformer import Infinity, TransformerConfig
 from infinity_jax.tokenizer import Tokenizer
@@ -432,3 +432,35 @@ def test_cudnn_padding_leaves_masked_and_variable_length_attention_unchanged():
     assert none is None and kp.shape[1] == 64
     out = jax.nn.dot_product_attention(qp, kp, vp, scale=0.25, key_value_seq_lengths=lengths)[:, :21]
     np.testing.assert_allclose(out, attn.attention(q, text, text, scale=0.25, kv_lengths=lengths), atol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_image", "shared"])
+def test_hand_written_norm_and_gate_gradients_equal_autodiff(shared):
+    """AdaLN / affine LayerNorm and the gated residual have written-out backward passes (their parameter
+    gradients are products with ones); values and every gradient must equal autodiff of the plain formulas."""
+    rng = np.random.default_rng(0)
+    b, n, c = 3, 17, 32
+    x = jnp.asarray(rng.standard_normal((b, n, c)) * 3 + 1, jnp.float32)
+    mul, add = (jnp.asarray(rng.standard_normal((c,) if shared else (b, 1, c)), jnp.float32) for _ in range(2))
+    branch = jnp.asarray(rng.standard_normal((b, n, c)), jnp.bfloat16)
+    cotangent = jnp.asarray(rng.standard_normal((b, n, c)), jnp.float32)
+
+    def plain_norm(x, mul, add):
+        mean = jnp.mean(x, -1, keepdims=True)
+        return (x - mean) / jnp.sqrt(jnp.var(x, -1, keepdims=True) + layers.LN_EPS) * mul + add
+
+    def plain_gate(x, branch, gate):
+        return x + branch.astype(jnp.float32) * gate
+
+    cases = [(layers.normalize_affine, plain_norm, (x, mul, add))]
+    if not shared:
+        cases.append((layers.gated_residual, plain_gate, (x, branch, mul)))
+    for written, plain, args in cases:
+        out, vjp = jax.vjp(jax.jit(written), *args)
+        expected, expected_vjp = jax.vjp(plain, *args)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        for got, want in zip(vjp(cotangent), expected_vjp(cotangent), strict=True):
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="one shape"):
+        jax.grad(lambda m: layers.normalize_affine(x, m, add[..., :1]).sum())(mul)

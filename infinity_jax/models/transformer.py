@@ -38,6 +38,7 @@ from infinity_jax.models.layers import (
     constrain,
     dense,
     drop_path,
+    gated_residual,
     modulate,
     normal,
 )
@@ -233,13 +234,14 @@ class Block(nn.Module):
         attn, cache = SelfAttention(**heads, name="sa")(
             modulate(x, scale1, shift1).astype(dtype), ctx.rope, ctx.schedule, cache, self.start, layer
         )
-        x = x + drop_path(attn.astype(jnp.float32) * gamma1, rate, self.deterministic, self)
+        # drop_path scales whole samples, so it may act on the branch before the gate.
+        x = gated_residual(x, drop_path(attn, rate, self.deterministic, self), gamma1)
         if ctx.condition.memory is not None:
             h = AffineLayerNorm(name="ca_norm")(x).astype(dtype)
             cross = CrossAttention(**heads, name="ca")(h, ctx.condition.memory.astype(dtype), ctx.condition.memory_mask)
             x = x + cross.astype(jnp.float32)
         ffn = FFN(c.ffn_dim, std, proj_std, dtype, name="ffn")(modulate(x, scale2, shift2).astype(dtype))
-        x = x + drop_path(ffn.astype(jnp.float32) * gamma2, rate, self.deterministic, self)
+        x = gated_residual(x, drop_path(ffn, rate, self.deterministic, self), gamma2)
         x = constrain(x, "act_batch", "act_len", "act_embed")
         if self.cfg_layer >= 0:
             half = x.shape[0] // 2
