@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from infinity_jax import editing, quantizer
-from infinity_jax.models.transformer import Infinity, TransformerConfig, init_cache
+from infinity_jax.models.transformer import Infinity, MemoryKV, TransformerConfig, init_cache
 from infinity_jax.ops.patchify import pixel_shuffle, pixel_unshuffle
 from infinity_jax.ops.resize import area_resize, bilinear_resize
 from infinity_jax.schedules import Schedule
@@ -124,6 +124,9 @@ def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p
 
     # With guidance the conditioning rows are [cond; uncond] (2·batch), prepared by `generate`.
     condition = apply(text, text_mask, labels, drop, method=Infinity.condition)
+    if condition.memory is not None:
+        memory_kv = MemoryKV(c).apply({"params": params["blocks"]}, condition.memory)
+        condition = condition.replace(memory_kv=memory_kv)
     cache = init_cache(c, condition.cond.shape[0], schedule)
     x = apply(condition.cond, method=Infinity.sos)
     vae_schedule = schedule.upsampled(2) if static.patchify else schedule

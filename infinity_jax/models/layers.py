@@ -253,21 +253,37 @@ class SelfAttention(_Attention):
 class CrossAttention(_Attention):
     """Each image token attends to its own caption's tokens (padding masked); no cos-attention here."""
 
-    @nn.compact
-    def __call__(self, x, memory, memory_mask):
-        """x: [B, n, C]; memory: [B, T, C] (projected text); memory_mask: [B, T] bool, True for the first
-        len_b tokens of each caption -> [B, n, C]."""
+    def setup(self):
         h, hd = self.num_heads, self.head_dim
-        q = dense((h, hd), ("embed", "heads", "kv"), std=self.std, dtype=self.dtype, name="q")(x)
-        kv = dense(
-            (2, h, hd), ("embed", None, "heads", "kv"), std=self.std, use_bias=False, dtype=self.dtype, name="kv"
-        )(memory)
-        v_bias = self.param("v_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")), (h, hd))
+        self.q = dense((h, hd), ("embed", "heads", "kv"), std=self.std, dtype=self.dtype, name=None)
+        self.kv = dense(
+            (2, h, hd), ("embed", None, "heads", "kv"), std=self.std, use_bias=False, dtype=self.dtype, name=None
+        )
+        self.v_bias = self.param(
+            "v_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")), (h, hd)
+        )
+        self.proj = dense(h * hd, ("heads", "kv", "embed"), std=self.proj_std, in_dims=2, dtype=self.dtype, name=None)
+
+    def memory_kv(self, memory):
+        """memory: [B, T, C] projected text -> its keys and values [B, T, 2, H, hd] (v with its bias)."""
+        kv = self.kv(memory)
+        # The bias is added in float32 and the sum rounded once, as attention would round it.
+        return jnp.stack([kv[:, :, 0], (kv[:, :, 1] + self.v_bias).astype(kv.dtype)], axis=2)
+
+    def __call__(self, x, memory, memory_mask, memory_kv=None):
+        """x: [B, n, C]; memory: [B, T, C] (projected text); memory_mask: [B, T] bool, True for the first
+        len_b tokens of each caption; memory_kv: `memory_kv(memory)` computed beforehand, or None -> [B, n, C]."""
+        kv = self.memory_kv(memory) if memory_kv is None else memory_kv
         lengths = jnp.sum(memory_mask, axis=-1, dtype=jnp.int32)  # captions are padded at the end
         out = attention(
-            q, kv[:, :, 0], kv[:, :, 1] + v_bias, scale=hd**-0.5, kv_lengths=lengths, implementation=self.kernel
+            self.q(x),
+            kv[:, :, 0],
+            kv[:, :, 1],
+            scale=self.head_dim**-0.5,
+            kv_lengths=lengths,
+            implementation=self.kernel,
         )
-        return dense(h * hd, ("heads", "kv", "embed"), std=self.proj_std, in_dims=2, dtype=self.dtype, name="proj")(out)
+        return self.proj(out)
 
 
 class TextPool(nn.Module):

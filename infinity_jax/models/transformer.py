@@ -165,13 +165,16 @@ class Condition:
 
     cond: [B, C] pooled text or class embedding (SOS, head AdaLN). adaln: [B, 6, C] shared AdaLN (gss), or
     cond itself when each block has its own AdaLN. memory / memory_mask: [B, T, C] / [B, T] projected text for
-    cross-attention (None for class conditioning).
+    cross-attention (None for class conditioning). memory_kv: every block's cross-attention keys and values of
+    the memory, [depth, B, T, 2, H, hd] (`MemoryKV`, computed once per generation), or None (each block projects
+    the memory itself).
     """
 
     cond: jax.Array
     adaln: jax.Array
     memory: jax.Array | None = None
     memory_mask: jax.Array | None = None
+    memory_kv: jax.Array | None = None
 
 
 @struct.dataclass
@@ -184,6 +187,19 @@ class BlockContext:
     rope: tuple[jax.Array, jax.Array] | None
     cfg: jax.Array | None = None
     schedule: Schedule | None = struct.field(pytree_node=False, default=None)
+
+
+def _heads(c: TransformerConfig) -> dict:
+    """The attention layers' fields of a block."""
+    std = c.init_std
+    return dict(
+        num_heads=c.num_heads,
+        head_dim=c.head_dim,
+        std=std,
+        proj_std=std / math.sqrt(2 * c.depth),
+        dtype=c.compute_dtype,
+        attention_impl=c.attention,
+    )
 
 
 class Block(nn.Module):
@@ -203,8 +219,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, ctx: BlockContext, xs):
         (x, cache), (layer, rate) = carry, xs
-        c, std = self.config, self.config.init_std
-        proj_std = std / math.sqrt(2 * c.depth)
+        c, std, heads = self.config, self.config.init_std, _heads(self.config)
         dtype = c.compute_dtype
         if c.shared_aln:
             gss = self.param(
@@ -223,14 +238,6 @@ class Block(nn.Module):
             )
             mod = ada(nn.silu(ctx.condition.adaln))
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (mod[:, None, i] for i in range(6))
-        heads = dict(
-            num_heads=c.num_heads,
-            head_dim=c.head_dim,
-            std=std,
-            proj_std=proj_std,
-            dtype=dtype,
-            attention_impl=c.attention,
-        )
         attn, cache = SelfAttention(**heads, name="sa")(
             modulate(x, scale1, shift1).astype(dtype), ctx.rope, ctx.schedule, cache, self.start, layer
         )
@@ -238,9 +245,13 @@ class Block(nn.Module):
         x = gated_residual(x, drop_path(attn, rate, self.deterministic, self), gamma1)
         if ctx.condition.memory is not None:
             h = AffineLayerNorm(name="ca_norm")(x).astype(dtype)
-            cross = CrossAttention(**heads, name="ca")(h, ctx.condition.memory.astype(dtype), ctx.condition.memory_mask)
+            memory_kv = ctx.condition.memory_kv
+            memory_kv = None if memory_kv is None else memory_kv[layer]
+            cross = CrossAttention(**heads, name="ca")(
+                h, ctx.condition.memory.astype(dtype), ctx.condition.memory_mask, memory_kv
+            )
             x = x + cross.astype(jnp.float32)
-        ffn = FFN(c.ffn_dim, std, proj_std, dtype, name="ffn")(modulate(x, scale2, shift2).astype(dtype))
+        ffn = FFN(c.ffn_dim, std, heads["proj_std"], dtype, name="ffn")(modulate(x, scale2, shift2).astype(dtype))
         x = gated_residual(x, drop_path(ffn, rate, self.deterministic, self), gamma2)
         x = constrain(x, "act_batch", "act_len", "act_embed")
         if self.cfg_layer >= 0:
@@ -281,6 +292,37 @@ class BlockStack(nn.Module):
         for i in range(c.depth):
             carry, _ = block(c, **attrs, name=f"block_{i}")(carry, ctx, (jnp.int32(i), rates[i]))
         return carry
+
+
+class _LayerMemoryKV(nn.Module):
+    """One block's cross-attention keys and values of the memory (its `ca` parameters only)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, memory, _):
+        return memory, CrossAttention(**_heads(self.config), name="ca").memory_kv(memory)
+
+
+class MemoryKV(nn.Module):
+    """Every block's cross-attention keys and values of one batch of captions: memory [B, T, C] ->
+    [depth, B, T, 2, H, hd] in the compute dtype.
+
+    They depend on the text only, so generation projects them once instead of at every scale (a scale's blocks
+    then read no cross-attention key/value weights). Applied to the blocks' parameters (`params["blocks"]`),
+    whose layout, scanned or one entry per block, it mirrors.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, memory):
+        c = self.config
+        memory = memory.astype(c.compute_dtype)
+        if c.scan_blocks:
+            scanned = nn.scan(_LayerMemoryKV, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.depth)
+            return scanned(c, name="layers")(memory, None)[1]
+        return jnp.stack([_LayerMemoryKV(c, name=f"block_{i}")(memory, None)[1] for i in range(c.depth)])
 
 
 class Infinity(nn.Module):
