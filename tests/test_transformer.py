@@ -464,3 +464,5 @@ def test_hand_written_norm_and_gate_gradients_equal_autodiff(shared):
             np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=2e-5, atol=2e-5)
     with pytest.raises(ValueError, match="one shape"):
         jax.grad(lambda m: layers.normalize_affine(x, m, add[..., :1]).sum())(mul)
+    with pytest.raises(ValueError, match="one shape"):
+        layers.normalize_affine(x, mul, add[..., :1])

@@ -92,12 +92,12 @@ def normalize_affine(x: jax.Array, mul: jax.Array, add: jax.Array) -> jax.Array:
     Its backward is written out: from x̂ recomputed once, two row means give dx and two sums over the tokens give
     d mul and d add. XLA's autodiff of the same formula spent ~4 % more of a 2B training step (benchmarks/RESULTS.md).
     """
+    if mul.shape != add.shape:
+        raise ValueError(f"normalize_affine: mul {mul.shape} and add {add.shape} must have one shape")
     return layer_norm(x) * mul + add
 
 
 def _normalize_affine_fwd(x, mul, add):
-    if mul.shape != add.shape:
-        raise ValueError(f"normalize_affine: mul {mul.shape} and add {add.shape} must have one shape")
     return normalize_affine(x, mul, add), (x, mul)
 
 
