@@ -298,7 +298,7 @@ class CrossAttention(_Attention):
         )
         self.proj = dense(h * hd, ("heads", "kv", "embed"), std=self.proj_std, in_dims=2, dtype=self.dtype, name=None)
 
-    def memory_kv(self, memory):
+    def project_memory(self, memory):
         """memory: [B, T, C] projected text -> its keys and values [B, T, 2, H, hd] (v with its bias)."""
         kv = self.kv(memory)
         # The bias is added in float32 and the sum rounded once, as attention would round it.
@@ -306,8 +306,8 @@ class CrossAttention(_Attention):
 
     def __call__(self, x, memory, memory_mask, memory_kv=None):
         """x: [B, n, C]; memory: [B, T, C] (projected text); memory_mask: [B, T] bool, True for the first
-        len_b tokens of each caption; memory_kv: `memory_kv(memory)` computed beforehand, or None -> [B, n, C]."""
-        kv = self.memory_kv(memory) if memory_kv is None else memory_kv
+        len_b tokens of each caption; memory_kv: `project_memory(memory)` computed beforehand, or None -> [B, n, C]."""
+        kv = self.project_memory(memory) if memory_kv is None else memory_kv
         lengths = jnp.sum(memory_mask, axis=-1, dtype=jnp.int32)  # captions are padded at the end
         out = attention(
             self.q(x),

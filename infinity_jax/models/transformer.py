@@ -301,7 +301,7 @@ class _LayerMemoryKV(nn.Module):
 
     @nn.compact
     def __call__(self, memory, _):
-        return memory, CrossAttention(**_heads(self.config), name="ca").memory_kv(memory)
+        return memory, CrossAttention(**_heads(self.config), name="ca").project_memory(memory)
 
 
 class MemoryKV(nn.Module):
