@@ -452,7 +452,7 @@ def test_hand_written_norm_and_gate_gradients_equal_autodiff(shared):
     def plain_gate(x, branch, gate):
         return x + branch.astype(jnp.float32) * gate
 
-    cases = [(layers.normalize_affine, plain_norm, (x, mul, add))]
+    cases = [(layers.normalize_affine, plain_norm, (x, mul, add)), (layers.bias_add, jnp.add, (x, add))]
     if not shared:
         cases.append((layers.gated_residual, plain_gate, (x, branch, mul)))
     for written, plain, args in cases:

@@ -49,9 +49,40 @@ def layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
 
 
 def _sum_to(p: jax.Array, like: jax.Array) -> jax.Array:
-    """p: [B, L, C] summed over the tokens (and over the batch for a shared [C] `like`) to `like`'s shape."""
-    axes = (1,) if like.ndim == 3 else (0, 1)
-    return jnp.sum(p.astype(jnp.float32), axis=axes, keepdims=like.ndim == 3)
+    """p: [..., *like.shape[k:]] summed over its leading axes to `like`'s shape, where `like` is [B, 1, C] (summed
+    over the tokens only) or has no batch axis ([C], [H, hd]: summed over batch and tokens), in float32.
+
+    Written as ones · p, a matrix product: XLA on GPU lays a reduction over the tokens out by transposing its
+    operand to tokens-minor, and the backward of every block then runs in a transposed [B, C, L] layout. The
+    barrier hides that the left operand is all ones, which XLA would otherwise simplify back into a reduction.
+    """
+    p = p.astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    if like.ndim == 3 and like.shape[1] == 1:
+        ones = jax.lax.optimization_barrier(jnp.ones(p.shape[:2], jnp.float32))
+        return jnp.einsum("bl,blc->bc", ones, p, precision=hi)[:, None]
+    rows = p.reshape(-1, *like.shape)
+    ones = jax.lax.optimization_barrier(jnp.ones(rows.shape[:1], jnp.float32))
+    return jnp.tensordot(ones, rows, axes=1, precision=hi)
+
+
+@jax.custom_vjp
+def bias_add(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """y + bias, both of one dtype. y: [..., *bias.shape]; the bias gradient is a `_sum_to` (see there)."""
+    if y.dtype != bias.dtype:
+        raise ValueError(f"bias_add: y is {y.dtype} but bias is {bias.dtype}; cast one first")
+    return y + bias
+
+
+def _bias_add_fwd(y, bias):
+    return bias_add(y, bias), bias
+
+
+def _bias_add_bwd(bias, dy):
+    return dy, _sum_to(dy, bias).astype(bias.dtype)
+
+
+bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
 
 
 @jax.custom_vjp
@@ -140,7 +171,7 @@ class Dense(nn.Module):
         if self.use_bias:
             bias_axes = self.axes[self.in_dims :]
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes), self.features)
-            y = y + bias.astype(self.dtype)
+            y = bias_add(y, bias.astype(self.dtype))
         return y
 
 
@@ -218,7 +249,10 @@ class SelfAttention(_Attention):
         scale_mul = self.param(
             "scale_mul", nn.with_logical_partitioning(nn.initializers.constant(math.log(4.0)), ("heads",)), (h,)
         )
-        q, k, v = qkv[:, :, 0] + q_bias, qkv[:, :, 1], qkv[:, :, 2] + v_bias
+        # As the promotion of qkv + bias: float32 in training (float32 biases), the compute dtype in inference.
+        dtype = jnp.result_type(qkv, q_bias)
+        q = bias_add(qkv[:, :, 0].astype(dtype), q_bias.astype(dtype))
+        k, v = qkv[:, :, 1], bias_add(qkv[:, :, 2].astype(dtype), v_bias.astype(dtype))
         q = l2_normalize(q) * jnp.exp(jnp.minimum(scale_mul, MAX_LOG_SCALE))[:, None]
         k = l2_normalize(k)
         if rope is not None:
