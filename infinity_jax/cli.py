@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from infinity_jax import config as config_lib
@@ -85,3 +85,11 @@ def run(main: Callable[[ml_collections.ConfigDict], None]) -> None:
         main(CONFIG.value)
 
     app.run(_main, flags_parser=_parse_flags)
+
+
+def train_in(workdir: str | None, train: Callable[[ml_collections.ConfigDict, str], None], config) -> None:
+    """Runs a trainer entry point's train(config, workdir) once `--workdir` is known."""
+    if not workdir:
+        raise SystemExit("error: --workdir is required")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    train(config, workdir)

@@ -4,7 +4,7 @@ Trains a BSQ-VAE tokenizer on the shared trainer; rerunning the same command res
 in DIR. The evaluated weights are written to DIR/tokenizer (a params checkpoint for `tokenizer.checkpoint`).
 """
 
-from absl import flags, logging
+from absl import flags
 
 from infinity_jax import cli
 from infinity_jax.train.vae import train
@@ -15,10 +15,7 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metri
 def main(config):
     if config.get("task") != "tokenizer":
         raise SystemExit("error: this trains tokenizers; use a tokenizer config such as configs/tokenizer.py")
-    if not WORKDIR.value:
-        raise SystemExit("error: --workdir is required")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    train(config, WORKDIR.value)
+    cli.train_in(WORKDIR.value, train, config)
 
 
 def console_main():

@@ -86,3 +86,15 @@ def test_cli_errors_are_one_clear_line():
     assert "Traceback" not in out.stderr
     out = _describe("--config", "configs/infinity.py:size=tiny", "--config.model.depth=5")
     assert out.returncode != 0 and "model.depth=5 (size tiny has 2)" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "module, spec",
+    [("infinity_jax.train", "configs/infinity.py:size=tiny"), ("infinity_jax.train_tokenizer", "configs/tokenizer.py")],
+)
+def test_trainers_refuse_to_start_without_a_workdir(module, spec):
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--config", spec], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode != 0
+    assert "error: --workdir is required" in out.stderr and "Traceback" not in out.stderr

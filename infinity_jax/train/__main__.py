@@ -3,7 +3,7 @@
 Trains the transformer; rerunning the same command resumes from the newest checkpoint in DIR.
 """
 
-from absl import flags, logging
+from absl import flags
 
 from infinity_jax import cli
 from infinity_jax.train.trainer import train
@@ -12,10 +12,7 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metri
 
 
 def main(config):
-    if not WORKDIR.value:
-        raise SystemExit("error: --workdir is required")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    train(config, WORKDIR.value)
+    cli.train_in(WORKDIR.value, train, config)
 
 
 def console_main():
