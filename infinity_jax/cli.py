@@ -87,8 +87,10 @@ def run(main: Callable[[ml_collections.ConfigDict], None]) -> None:
     app.run(_main, flags_parser=_parse_flags)
 
 
-def train_in(workdir: str | None, train: Callable[[ml_collections.ConfigDict, str], None], config) -> None:
-    """Runs a trainer entry point's train(config, workdir) once `--workdir` is known."""
+def train_in(
+    train: Callable[[ml_collections.ConfigDict, str], None], config: ml_collections.ConfigDict, workdir: str | None
+) -> None:
+    """A trainer entry point's train(config, workdir), refused with one line when `--workdir` was not given."""
     if not workdir:
         raise SystemExit("error: --workdir is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO

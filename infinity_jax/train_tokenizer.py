@@ -15,7 +15,7 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metri
 def main(config):
     if config.get("task") != "tokenizer":
         raise SystemExit("error: this trains tokenizers; use a tokenizer config such as configs/tokenizer.py")
-    cli.train_in(WORKDIR.value, train, config)
+    cli.train_in(train, config, WORKDIR.value)
 
 
 def console_main():

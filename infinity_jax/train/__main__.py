@@ -12,7 +12,7 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metri
 
 
 def main(config):
-    cli.train_in(WORKDIR.value, train, config)
+    cli.train_in(train, config, WORKDIR.value)
 
 
 def console_main():
