@@ -11,6 +11,7 @@ and without the tokenizer's decode. FLOPs are counted from the traced program.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import flax.linen as nn
@@ -78,6 +79,9 @@ def main(argv=None):
     parser.add_argument(
         "--as-trained", action="store_true", help="float32 weights cast in each call, blocks as configured (--no-scan)"
     )
+    parser.add_argument(
+        "--layer-weights", choices=["slice", "in_place"], help="override generate.for_inference's choice"
+    )
     parser.add_argument("--profile", help="folder for one profiled call per resolution; prints its top kernels")
     parser.add_argument("--results")
     args = parser.parse_args(argv)
@@ -99,6 +103,8 @@ def main(argv=None):
     params = nn.unbox(init()["params"])
     if not args.as_trained:
         params, config = gen.for_inference(params, config)  # bf16 block weights
+    if args.layer_weights:
+        config = dataclasses.replace(config, layer_weights=args.layer_weights)
     tok = Tokenizer.init(TOKENIZERS["d32reg"], jax.random.key(2), dtype=jnp.bfloat16)
     device = jax.devices()[0]
     peak = peak_tflops(device)
@@ -120,7 +126,7 @@ def main(argv=None):
     description = (
         f"Device: {device.device_kind}; jax {jax.__version__}; bf16 blocks "
         f"({'float32 weights cast in each call' if args.as_trained else 'generate.for_inference: bf16 weights'}), attention {args.attention}, "
-        f"{'scanned' if config.scan_blocks else 'unrolled'} blocks; 32 text tokens, cfg 4, tau 0.5, top_p 0.97; random weights; "
+        f"{'scanned' if config.scan_blocks else 'unrolled'} blocks (layer weights: {config.layer_weights}); 32 text tokens, cfg 4, tau 0.5, top_p 0.97; random weights; "
         f"median of {args.repeats} after {args.warmup} warm-up calls. Official: REFERENCE §8.2 (torch, same H100 kind)."
     )
     report(f"Generation latency, {args.size}, batch {args.batch} with CFG", description, lines, args.results)

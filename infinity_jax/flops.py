@@ -50,7 +50,8 @@ def _sub_jaxprs(value):
 
 
 def jaxpr_flops(jaxpr) -> float:
-    """FLOPs of a (closed) jaxpr; scans count `length` times, conditionals count their costliest branch."""
+    """FLOPs of a (closed) jaxpr; scans count `length` times, conditionals count their costliest branch, Pallas
+    kernels their `CostEstimate`."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
     for eqn in jaxpr.eqns:
@@ -59,6 +60,9 @@ def jaxpr_flops(jaxpr) -> float:
             total += _dot_flops(eqn)
         elif name == "conv_general_dilated":
             total += _conv_flops(eqn)
+        elif name == "pallas_call":  # a kernel counts what its author declared
+            estimate = eqn.params.get("cost_estimate")
+            total += estimate.flops if estimate is not None else 0.0
         elif name == "cond":
             total += max(jaxpr_flops(branch) for branch in eqn.params["branches"])
         else:

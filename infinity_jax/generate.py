@@ -170,13 +170,21 @@ def for_inference(params, config: TransformerConfig):
 
     The official sampler casts its blocks to bf16 (REFERENCE §5.5); casting once here, rather than inside every
     call, halves the bytes each scale reads and the memory the weights take. Everything outside the blocks
-    stays float32. (Blocks stay scanned: an unrolled stack reads its weights without the per-layer copies a scan
-    makes, but compiles about 8× slower; see benchmarks/RESULTS.md.)
+    stays float32. Blocks stay scanned (an unrolled stack compiles about 8× slower; benchmarks/RESULTS.md); on one
+    GPU their gemms then read each layer's weights in place in the stacks (`layer_weights="in_place"`) rather than
+    from the copies that XLA makes of every layer's slice at every scale.
     """
     config = dataclasses.replace(config, remat="none")
     if config.compute_dtype != jnp.float32:
         params = {**params, "blocks": jax.tree.map(lambda x: jnp.asarray(x, config.compute_dtype), params["blocks"])}
+        if config.scan_blocks and jax.default_backend() == "gpu" and _on_one_device(params["blocks"]):
+            config = dataclasses.replace(config, layer_weights="in_place")
     return params, config
+
+
+def _on_one_device(tree) -> bool:
+    """Whether every array of `tree` lives on a single device (a Pallas kernel is not partitioned by XLA)."""
+    return all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(tree))
 
 
 @functools.cache

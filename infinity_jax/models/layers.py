@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from infinity_jax.ops.attention import attention, prefix_attention
+from infinity_jax.ops.layer_matmul import LayerKernel
 from infinity_jax.ops.rope import apply_rope
 from infinity_jax.ops.splash import block_causal_attention
 
@@ -164,10 +165,13 @@ class Dense(nn.Module):
         shape = (*x.shape[x.ndim - self.in_dims :], *self.features)
         init = self.kernel_init or normal(self.std)
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape)
-        contract = tuple(range(x.ndim - self.in_dims, x.ndim))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(self.in_dims))), ((), ()))
-        )
+        if isinstance(kernel, LayerKernel):  # generation over stacked weights read in place (`BlockStack`)
+            y = kernel.matmul(x.astype(kernel.dtype), self.in_dims)
+        else:
+            contract = tuple(range(x.ndim - self.in_dims, x.ndim))
+            y = jax.lax.dot_general(
+                x.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(self.in_dims))), ((), ()))
+            )
         if self.use_bias:
             bias_axes = self.axes[self.in_dims :]
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes), self.features)

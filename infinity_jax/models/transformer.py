@@ -43,6 +43,7 @@ from infinity_jax.models.layers import (
     normal,
 )
 from infinity_jax.ops.attention import IMPLEMENTATIONS
+from infinity_jax.ops.layer_matmul import LayerKernel
 from infinity_jax.ops.rope import rope_table
 from infinity_jax.schedules import Schedule, var_schedule
 
@@ -50,6 +51,7 @@ from infinity_jax.schedules import Schedule, var_schedule
 # generation and cross-attention then use XLA's kernel.
 ATTENTIONS = (*IMPLEMENTATIONS, "splash", "splash_interpret")
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+LAYER_WEIGHTS = ("slice", "in_place", "in_place_interpret")
 # Special initialisation of the released training recipe (REFERENCE §3.8): AdaLN gates ×5e-6, AdaLN
 # scale/shift ×1e-3, head ×0.02, residual output projections ×1/√(2·depth).
 ALN_GAMMA_INIT, ALN_INIT, HEAD_INIT = 5e-6, 1e-3, 0.02
@@ -69,6 +71,10 @@ class TransformerConfig:
       table added to the tokens, for schedules of at most num_positions tokens).
     vocab: 0 for the bitwise head (logits [.., bits, 2]); V > 0 for a head over a V-entry codebook ([.., V]).
       `bits` is then the width of the input features (VAR's Cvae).
+    layer_weights: how scanned blocks with a KV cache (generation) read each layer's weights: "slice" (the
+      scan hands every layer its slice, which XLA on GPU copies out of the stacks) or "in_place" (the gemms read
+      the stacks at the layer's offset, `ops.layer_matmul`; GPU, one device, kernels in the compute dtype;
+      "in_place_interpret" runs it on CPU).
     """
 
     depth: int
@@ -90,6 +96,7 @@ class TransformerConfig:
     positions: str = "rope"
     num_positions: int = 0
     vocab: int = 0
+    layer_weights: str = "slice"
 
     def __post_init__(self):
         if self.cond not in ("text", "class"):
@@ -106,6 +113,8 @@ class TransformerConfig:
             raise ValueError(f"vocab must be 0 (bitwise head) or a codebook size, got {self.vocab}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
+        if self.layer_weights not in LAYER_WEIGHTS:
+            raise ValueError(f"unknown layer_weights {self.layer_weights!r}; valid: {', '.join(LAYER_WEIGHTS)}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTIONS)}")
         pool_head = 128 if self.embed_dim <= 4096 else 64
@@ -277,6 +286,8 @@ class BlockStack(nn.Module):
             block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, c.remat), prevent_cse=not c.scan_blocks)
         rates = jnp.linspace(0.0, c.drop_path, c.depth)  # stochastic depth grows with depth
         attrs = dict(start=start, deterministic=deterministic, cfg_layer=cfg_layer)
+        if c.scan_blocks and cache is not None and c.layer_weights != "slice" and not self.is_initializing():
+            return self._in_place(x, ctx, cache, attrs)
         if c.scan_blocks:
             scanned = nn.scan(
                 block,
@@ -291,6 +302,28 @@ class BlockStack(nn.Module):
         carry = (x, cache)
         for i in range(c.depth):
             carry, _ = block(c, **attrs, name=f"block_{i}")(carry, ctx, (jnp.int32(i), rates[i]))
+        return carry
+
+    def _in_place(self, x, ctx: BlockContext, cache, attrs: dict):
+        """The scanned blocks with every layer's dense kernels left in their stacks (`LayerKernel`); the other
+        (small) parameters are sliced per layer as `nn.scan` would."""
+        c = self.config
+        stacks = nn.unbox(self.variables["params"]["layers"])
+        interpret = c.layer_weights == "in_place_interpret"
+
+        def layer_params(layer):
+            def view(path, stack):
+                if path[-1].key == "kernel" and stack.dtype == c.compute_dtype:
+                    return LayerKernel(stack, layer, interpret)
+                return stack[layer]
+
+            return jax.tree_util.tree_map_with_path(view, stacks)
+
+        def body(carry, layer):
+            params = layer_params(layer)
+            return Block(c, **attrs, parent=None).apply({"params": params}, carry, ctx, (layer, 0.0))
+
+        carry, _ = jax.lax.scan(body, (x, cache), jnp.arange(c.depth))
         return carry
 
 

@@ -1,0 +1,93 @@
+"""ops.layer_matmul: one layer's product read from a stack of kernels, on CPU in Pallas' interpret mode."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_transformer import SQUARE, TINY, conditioning, random_params
+
+from infinity_jax.flops import count_flops
+from infinity_jax.generate import for_inference, generate
+from infinity_jax.ops.layer_matmul import MAX_ROWS, LayerKernel, layer_matmul, tiles
+
+
+@pytest.mark.parametrize("m", [1, 2, 17, 72])
+def test_each_layer_of_the_stack_against_float64(m):
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((m, 64)).astype(np.float32)
+    w = rng.standard_normal((3, 64, 96)).astype(np.float32)
+    product = jax.jit(lambda x, w, layer: layer_matmul(x, w, layer, tile=(16, 32, 16), interpret=True))
+    for layer in range(3):
+        y = np.asarray(product(x, w, jnp.int32(layer)))
+        np.testing.assert_allclose(y, x.astype(np.float64) @ w[layer], rtol=1e-5, atol=1e-4)
+    # As a scan's index, the way generation uses it.
+    scanned = jax.lax.scan(lambda c, i: (c, product(x, w, i)), None, jnp.arange(3))[1]
+    np.testing.assert_allclose(np.asarray(scanned), np.einsum("mk,lkn->lmn", x.astype(np.float64), w), atol=1e-4)
+
+
+def test_tiles_divide_the_shapes_and_bad_operands_are_refused():
+    for m, k, n in [(2, 2048, 6144), (512, 8192, 2048), (8, 64, 96), (300, 48, 80)]:
+        bm, bn, bk = tiles(m, k, n)
+        assert n % bn == 0 and k % bk == 0 and min(bm, bn, bk) >= 16, (m, k, n)
+    x, w = jnp.ones((4, 64), jnp.bfloat16), jnp.ones((2, 64, 32), jnp.float32)
+    with pytest.raises(ValueError, match="does not match"):
+        layer_matmul(x, w, jnp.int32(0), interpret=True)
+    with pytest.raises(ValueError, match="does not divide"):
+        layer_matmul(x, w.astype(jnp.bfloat16), jnp.int32(0), tile=(16, 64, 16), interpret=True)
+
+
+def test_layer_kernel_contracts_multi_axis_kernels():
+    rng = np.random.default_rng(0)
+    stack = jnp.asarray(rng.standard_normal((2, 4, 16, 64)), jnp.float32)  # [L, H, hd, C]: an output projection
+    x = jnp.asarray(rng.standard_normal((2, 3, 4, 16)), jnp.float32)  # [B, n, H, hd]
+    kernel = LayerKernel(stack, jnp.int32(1), interpret=True)
+    assert kernel.shape == (4, 16, 64)
+    y = kernel.matmul(x, in_dims=2)
+    np.testing.assert_allclose(np.asarray(y), np.einsum("bnhd,hdc->bnc", x, stack[1]), rtol=1e-5, atol=1e-4)
+    # Past MAX_ROWS rows the product is XLA's dot of the slice, with the same result.
+    many = jnp.asarray(rng.standard_normal((2, MAX_ROWS // 2 + 1, 4, 16)), jnp.float32)
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda x: kernel.matmul(x, 2))(many))
+    want = np.einsum("bnhd,hdc->bnc", many, stack[1])
+    np.testing.assert_allclose(np.asarray(kernel.matmul(many, 2)), want, rtol=1e-5, atol=1e-4)
+
+
+def test_flop_count_includes_the_kernel():
+    x, w = jnp.ones((8, 64), jnp.bfloat16), jnp.ones((2, 64, 32), jnp.bfloat16)
+    assert count_flops(lambda x, w: layer_matmul(x, w, jnp.int32(0), interpret=True), x, w) == 2 * 8 * 64 * 32
+
+
+def test_generation_with_weights_read_in_place_equals_sliced_weights():
+    from infinity_jax.convert.transformer import stack_blocks
+
+    scanned = dataclasses.replace(TINY, dtype="bfloat16", scan_blocks=True)
+    params, sliced = for_inference(stack_blocks(random_params(TINY), TINY.depth), scanned)
+    in_place = dataclasses.replace(sliced, layer_weights="in_place_interpret")
+    run = lambda config: generate(  # noqa: E731
+        params, config, SQUARE, jax.random.key(3), **conditioning(TINY), cfg=3.0, tau=0.7, return_logits=True
+    )
+    want, got = run(sliced), run(in_place)
+    for a, b in zip(want.logits, got.logits, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-2, atol=2e-2)
+    agree = np.mean([np.mean(np.asarray(a) == np.asarray(b)) for a, b in zip(want.bits, got.bits, strict=True)])
+    assert agree > 0.99, agree
+
+
+@pytest.mark.parametrize("layer_weights", ["slice", "in_place_interpret"])
+def test_only_the_in_place_layout_runs_the_kernel(layer_weights):
+    from infinity_jax.convert.transformer import stack_blocks
+    from infinity_jax.models.transformer import Infinity, init_cache
+
+    scanned = dataclasses.replace(TINY, dtype="bfloat16", scan_blocks=True, layer_weights=layer_weights)
+    params, config = for_inference(stack_blocks(random_params(TINY), TINY.depth), scanned)
+    model, cond = Infinity(config), conditioning(TINY)
+
+    def first_scale(params):
+        apply = lambda *a, method: model.apply({"params": params}, *a, method=method)  # noqa: E731
+        condition = apply(cond["text"], cond["text_mask"], None, None, method=Infinity.condition)
+        x = apply(condition.cond, method=Infinity.sos)
+        return apply(x, condition, SQUARE, 0, init_cache(config, 2, SQUARE), method=Infinity.step)
+
+    jaxpr = str(jax.make_jaxpr(first_scale)(params))
+    assert ("pallas_call" in jaxpr) == (layer_weights != "slice")
