@@ -91,3 +91,10 @@ def test_only_the_in_place_layout_runs_the_kernel(layer_weights):
 
     jaxpr = str(jax.make_jaxpr(first_scale)(params))
     assert ("pallas_call" in jaxpr) == (layer_weights != "slice")
+
+
+def test_in_place_weights_need_the_inference_layout():
+    with pytest.raises(ValueError, match="needs scanned blocks in bfloat16"):
+        dataclasses.replace(TINY, layer_weights="in_place")
+    with pytest.raises(ValueError, match="unknown layer_weights"):
+        dataclasses.replace(TINY, dtype="bfloat16", scan_blocks=True, layer_weights="inplace")

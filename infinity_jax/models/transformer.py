@@ -115,6 +115,11 @@ class TransformerConfig:
             raise ValueError(f"unknown remat policy {self.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
         if self.layer_weights not in LAYER_WEIGHTS:
             raise ValueError(f"unknown layer_weights {self.layer_weights!r}; valid: {', '.join(LAYER_WEIGHTS)}")
+        if self.layer_weights != "slice" and not (self.scan_blocks and self.dtype == "bfloat16"):
+            raise ValueError(
+                f"layer_weights={self.layer_weights!r} needs scanned blocks in bfloat16 (generate.for_inference's "
+                "layout), got scan_blocks={self.scan_blocks}, dtype={self.dtype}"
+            )
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTIONS)}")
         pool_head = 128 if self.embed_dim <= 4096 else 64
@@ -313,7 +318,7 @@ class BlockStack(nn.Module):
 
         def layer_params(layer):
             def view(path, stack):
-                if path[-1].key == "kernel" and stack.dtype == c.compute_dtype:
+                if path[-1].key == "kernel" and stack.dtype == c.compute_dtype:  # else sliced and cast, as before
                     return LayerKernel(stack, layer, interpret)
                 return stack[layer]
 
