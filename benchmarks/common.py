@@ -46,6 +46,7 @@ def kernel_profile(fn, logdir: str, top: int = 16) -> list[str]:
 
     Returns markdown rows: total device ms, then the `top` kernels (ms, share, calls), and the share of each
     family (matmul, attention, fused element-wise, copies), so that a table explains where a step's time goes.
+    Every kernel's total is also written to `logdir/kernels.tsv`.
     """
     import collections
     import glob
@@ -76,6 +77,10 @@ def kernel_profile(fn, logdir: str, top: int = 16) -> list[str]:
     families = collections.Counter()
     for name, ms in by_name.items():
         families[_kernel_family(name)] += ms
+    with open(os.path.join(logdir, "kernels.tsv"), "w") as f:  # every kernel, for reading beyond the top rows
+        f.write("ms\tcalls\tfamily\tkernel\n")
+        for name, ms in by_name.most_common():
+            f.write(f"{ms:.4f}\t{calls[name]}\t{_kernel_family(name)}\t{name}\n")
     rows = [f"| device total | {total:.2f} ms | |", "|---|---|---|"]
     rows += [f"| {family} | {ms:.2f} ms | {ms / total:.0%} |" for family, ms in families.most_common()]
     rows += [
@@ -91,8 +96,10 @@ def _kernel_family(name: str) -> str:
         return "attention"
     if "conv" in low or "fprop_implicit" in low or "dgrad" in low or "wgrad" in low:
         return "convolution"
+    if "layer_matmul" in low:
+        return "matmul (layer_matmul, in place)"
     if any(k in low for k in ("gemm", "cutlass", "cublas", "xmma", "wgmma", "dot", "nvjet")):
         return "matmul"
-    if any(k in low for k in ("memcpy", "memset", "copy", "dynamic_update_slice", "dynamic-update-slice")):
-        return "copies"
+    if any(k in low for k in ("memcpy", "memset", "copy", "dynamic_update_slice", "dynamic_slice", "dynamic-")):
+        return "copies and slices"
     return "fused element-wise / other"

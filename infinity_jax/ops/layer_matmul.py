@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 
-def _kernel(layer_ref, x_ref, w_ref, o_ref, *, block_k: int, k_steps: int):
+def _layer_matmul_kernel(layer_ref, x_ref, w_ref, o_ref, *, block_k: int, k_steps: int):
     layer = layer_ref[0]
     block_n = o_ref.shape[1]
     columns = pl.ds(pl.program_id(1) * block_n, block_n)
@@ -69,7 +69,7 @@ def layer_matmul(x, w, layer, *, tile=None, num_warps: int = 4, num_stages: int 
     rows = pl.cdiv(m, block_m) * block_m
     x = jnp.pad(x, ((0, rows - m), (0, 0)))  # whole row tiles: the kernel reads no row beyond the array
     out = pl.pallas_call(
-        functools.partial(_kernel, block_k=block_k, k_steps=k // block_k),
+        functools.partial(_layer_matmul_kernel, block_k=block_k, k_steps=k // block_k),
         out_shape=jax.ShapeDtypeStruct((rows, n), x.dtype),
         grid=(rows // block_m, n // block_n),
         in_specs=[
@@ -83,6 +83,7 @@ def layer_matmul(x, w, layer, *, tile=None, num_warps: int = 4, num_stages: int 
             flops=2 * m * k * n, transcendentals=0, bytes_accessed=x.dtype.itemsize * (m * k + k * n + m * n)
         ),
         interpret=interpret,
+        name="layer_matmul",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), x, w)
     return out[:m]
 
