@@ -171,20 +171,26 @@ def for_inference(params, config: TransformerConfig):
     The official sampler casts its blocks to bf16 (REFERENCE §5.5); casting once here, rather than inside every
     call, halves the bytes each scale reads and the memory the weights take. Everything outside the blocks
     stays float32. Blocks stay scanned (an unrolled stack compiles about 8× slower; benchmarks/RESULTS.md); on one
-    GPU their gemms then read each layer's weights in place in the stacks (`layer_weights="in_place"`) rather than
-    from the copies that XLA makes of every layer's slice at every scale.
+    Hopper GPU their gemms then read each layer's weights in place in the stacks (`layer_weights="in_place"`)
+    rather than from the copies that XLA makes of every layer's slice at every scale.
     """
     config = dataclasses.replace(config, remat="none")
     if config.compute_dtype != jnp.float32:
         params = {**params, "blocks": jax.tree.map(lambda x: jnp.asarray(x, config.compute_dtype), params["blocks"])}
-        if config.scan_blocks and jax.default_backend() == "gpu" and _on_one_device(params["blocks"]):
+        if config.scan_blocks and _in_place_pays(params["blocks"]):
             config = dataclasses.replace(config, layer_weights="in_place")
     return params, config
 
 
-def _on_one_device(tree) -> bool:
-    """Whether every array of `tree` lives on a single device (a Pallas kernel is not partitioned by XLA)."""
-    return all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(tree))
+def _in_place_pays(blocks) -> bool:
+    """Whether the blocks' weights lie on one Hopper GPU (compute capability 9.x): where `ops.layer_matmul` was
+    measured and its tiles fit (their shared memory exceeds an A100's), and where XLA need not partition it."""
+    devices = {d for x in jax.tree.leaves(blocks) for d in x.sharding.device_set}
+    if len(devices) != 1:
+        return False
+    (device,) = devices
+    capability = getattr(device, "compute_capability", None)  # CUDA devices only, e.g. "9.0"
+    return device.platform == "gpu" and capability is not None and capability.split(".")[0] == "9"
 
 
 @functools.cache
