@@ -190,7 +190,7 @@ def _in_place_pays(blocks) -> bool:
         return False
     (device,) = devices
     capability = getattr(device, "compute_capability", None)  # CUDA devices only, e.g. "9.0"
-    return device.platform == "gpu" and capability is not None and capability.split(".")[0] == "9"
+    return device.platform in ("gpu", "cuda") and capability is not None and capability.split(".")[0] == "9"
 
 
 @functools.cache
