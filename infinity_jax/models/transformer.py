@@ -316,16 +316,13 @@ class BlockStack(nn.Module):
         stacks = nn.unbox(self.variables["params"]["layers"])
         interpret = c.layer_weights == "in_place_interpret"
 
-        def layer_params(layer):
+        def body(carry, layer):
             def view(path, stack):
                 if path[-1].key == "kernel" and stack.dtype == c.compute_dtype:  # else sliced and cast, as before
                     return LayerKernel(stack, layer, interpret)
                 return stack[layer]
 
-            return jax.tree_util.tree_map_with_path(view, stacks)
-
-        def body(carry, layer):
-            params = layer_params(layer)
+            params = jax.tree_util.tree_map_with_path(view, stacks)
             return Block(c, **attrs, parent=None).apply({"params": params}, carry, ctx, (layer, 0.0))
 
         carry, _ = jax.lax.scan(body, (x, cache), jnp.arange(c.depth))

@@ -88,7 +88,7 @@ def layer_matmul(x, w, layer, *, tile=None, num_warps: int = 4, num_stages: int 
     return out[:m]
 
 
-# Measured on an H200 (benchmarks/RESULTS.md): the kernel beats copy + cuBLAS up to 512 rows and loses from 1152.
+# Measured on an H200 (benchmarks/RESULTS.md): the kernel beats copy + cuBLAS up to 512 rows and loses from 800.
 MAX_ROWS = 512
 
 
