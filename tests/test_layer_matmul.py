@@ -68,8 +68,12 @@ def test_generation_with_weights_read_in_place_equals_sliced_weights():
         params, config, SQUARE, jax.random.key(3), **conditioning(TINY), cfg=3.0, tau=0.7, return_logits=True
     )
     want, got = run(sliced), run(in_place)
-    for a, b in zip(want.logits, got.logits, strict=True):
+    # bf16 sums in another order may flip a bit whose two logits tie; the scales after it see other inputs, so logits
+    # are compared up to the first scale whose bits differ.
+    for a, b, bits_a, bits_b in zip(want.logits, got.logits, want.bits, got.bits, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-2, atol=2e-2)
+        if np.any(np.asarray(bits_a) != np.asarray(bits_b)):
+            break
     agree = np.mean([np.mean(np.asarray(a) == np.asarray(b)) for a, b in zip(want.bits, got.bits, strict=True)])
     assert agree > 0.99, agree
 
