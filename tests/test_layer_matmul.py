@@ -1,6 +1,7 @@
 """ops.layer_matmul: one layer's product read from a stack of kernels, on CPU in Pallas' interpret mode."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -78,8 +79,8 @@ def test_generation_with_weights_read_in_place_equals_sliced_weights():
     assert agree > 0.99, agree
 
 
-@pytest.mark.parametrize("layer_weights", ["slice", "in_place_interpret"])
-def test_only_the_in_place_layout_runs_the_kernel(layer_weights):
+def first_scale(layer_weights: str):
+    """(params, fn): the blocks of the tiny model's first generation scale, with the given layer weights."""
     from infinity_jax.convert.transformer import stack_blocks
     from infinity_jax.models.transformer import Infinity, init_cache
 
@@ -87,14 +88,29 @@ def test_only_the_in_place_layout_runs_the_kernel(layer_weights):
     params, config = for_inference(stack_blocks(random_params(TINY), TINY.depth), scanned)
     model, cond = Infinity(config), conditioning(TINY)
 
-    def first_scale(params):
+    def fn(params):
         apply = lambda *a, method: model.apply({"params": params}, *a, method=method)  # noqa: E731
         condition = apply(cond["text"], cond["text_mask"], None, None, method=Infinity.condition)
         x = apply(condition.cond, method=Infinity.sos)
         return apply(x, condition, SQUARE, 0, init_cache(config, 2, SQUARE), method=Infinity.step)
 
-    jaxpr = str(jax.make_jaxpr(first_scale)(params))
+    return params, fn
+
+
+@pytest.mark.parametrize("layer_weights", ["slice", "in_place_interpret"])
+def test_only_the_in_place_layout_runs_the_kernel(layer_weights):
+    params, fn = first_scale(layer_weights)
+    jaxpr = str(jax.make_jaxpr(fn)(params))
     assert ("pallas_call" in jaxpr) == (layer_weights != "slice")
+
+
+def test_in_place_generation_lowers_to_triton_for_a_cuda_target():
+    # What `for_inference` picks on a Hopper GPU, lowered (not compiled) on CPU: each of the block's seven dense
+    # layers (qkv, proj, ca.q, ca.kv, ca.proj, fc1, fc2) is a call of a Triton kernel in the scan's body.
+    params, fn = first_scale("in_place")
+    text = jax.jit(fn).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
+    assert len(re.findall(r"call @layer_matmul(_\d+)?\(", text)) == 7
 
 
 def test_in_place_weights_need_the_inference_layout():
