@@ -1,13 +1,16 @@
-"""Ahead-of-time compilation of the real train step for a TPU slice, from shapes alone, on any machine.
+"""Ahead-of-time compilation of the real train step for a TPU slice or NVIDIA GPU hosts, from shapes alone, on any
+machine.
 
     python -m infinity_jax.aot --config configs/infinity.py:size=2b,res=0.25M,batch=256 --topology v5p:4x4x4 \
         --mesh data=1,fsdp=64,tensor=1
+    python -m infinity_jax.aot --config configs/infinity.py:size=2b,res=0.25M,batch=32 --topology h100:8
 
-With libtpu installed (`pip install "jax[tpu]"`), `jax.experimental.topologies` describes a real slice on a CPU
-host and XLA compiles the step for it: no parameters are materialised. The report gives the per-chip memory
-(arguments, outputs, temporaries, total against the chip's HBM), the compiler's FLOPs per step against our
-analytic count, the predicted step time at a stated MFU, and the sharding of the largest arrays. A step that
-does not fit (the TPU compiler refuses it, or the total exceeds the chip's HBM) exits non-zero with what to
+With libtpu (`pip install "jax[tpu]"`) or the CUDA plugin (`pip install "jax[cuda13-local]"`, no GPU or driver
+needed), `jax.experimental.topologies` describes the chips on a CPU host and XLA compiles the step for them: no
+parameters are materialised. The report gives the per-chip memory (arguments, outputs, temporaries, total
+against the chip's HBM), the compiler's FLOPs per step against our analytic count, the predicted step time at a
+stated MFU, the kernels one call launches (`kernels.inventory`) and the sharding of the largest arrays. A step
+that does not fit (the compiler refuses it, or the total exceeds the chip's memory) exits non-zero with what to
 change. The compiler's FLOPs count a scanned loop's body once, so for `scan_blocks` layouts it is far below the
 analytic count; the analytic count is the one used for time and MFU.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -24,28 +28,60 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from infinity_jax import cli, flops, schedules, sharding
+from infinity_jax import cli, flops, kernels, schedules, sharding
 from infinity_jax.train import frozen as frozen_towers
 from infinity_jax.train import trainer
 
 GIB = 1 << 30
 # HBM per chip (datasheets), by jax device_kind; "lite" kinds first: "TPU v5" is a prefix of "TPU v5 lite".
-HBM_BYTES = {"TPU v5 lite": 16 * GIB, "TPU v6 lite": 32 * GIB, "TPU v5": 95 * GIB, "TPU v4": 32 * GIB}
+HBM_BYTES = {"TPU v5 lite": 16 * GIB, "TPU v6 lite": 32 * GIB, "TPU v5": 95 * GIB, "TPU v4": 32 * GIB,
+             "NVIDIA H100": 80 * 10**9, "NVIDIA H200": 141 * 10**9}  # fmt: skip
+# JAX's GPU allocator takes this share of the memory by default; a program must fit in it, not in the whole.
+GPU_MEMORY_FRACTION = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75))
+
+# What XLA needs to compile for a GPU it cannot see (GpuTargetConfig, from the SXM datasheets: 132 SMs with 228 KiB
+# of shared memory each, 50 MiB of L2). Memory size and bandwidth are the two fields that differ.
+GPUS = {"h100": ("NVIDIA H100 80GB HBM3", 80 * 10**9, 3.35e12), "h200": ("NVIDIA H200", 141 * 10**9, 4.8e12)}
+GPU_TARGET = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 shared_memory_per_block_optin: 232448 threads_per_core_limit: 2048
+  core_count: 132 fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth:.0f} l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: {memory} cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA" dnn_version_info {{ major: 9 minor: 10 }} runtime_version {{ major: 13 }}
+device_description_str: "{kind}"
+"""
 
 
 def hbm_bytes(device) -> int | None:
-    return next((v for k, v in HBM_BYTES.items() if device.device_kind.startswith(k)), None)
+    """The memory a program may use on one chip: the HBM on TPU, JAX's allocator's share of it on GPU."""
+    total = next((v for k, v in HBM_BYTES.items() if device.device_kind.startswith(k)), None)
+    if total and device.platform in ("gpu", "cuda"):
+        return int(total * GPU_MEMORY_FRACTION)
+    return total
 
 
 def topology_devices(name: str) -> list:
-    """The devices of a TPU slice such as "v5p:4x4x4", "v5e:16x16" or "v6e:2x2" (needs libtpu)."""
+    """The devices of a TPU slice ("v5p:4x4x4", "v5e:16x16", "v6e:2x2"; needs libtpu) or of GPU hosts ("h100:8" for
+    one host of 8, "h200:2x8" for two; needs the CUDA plugin, `jax[cuda13-local]`, but no GPU)."""
     from jax.experimental import topologies
 
+    chip, _, shape = name.partition(":")
     try:
+        if chip in GPUS:
+            kind, memory, bandwidth = GPUS[chip]
+            hosts, _, per_host = shape.rpartition("x")
+            config = GPU_TARGET.format(kind=kind, memory=memory, bandwidth=bandwidth)
+            topology = f"1x{int(hosts or 1)}x{int(per_host)}"  # slices x hosts x GPUs per host
+            return list(topologies.get_topology_desc(platform="cuda", target_config=config, topology=topology).devices)
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
-    except Exception as error:  # libtpu raises plain RuntimeErrors for unknown names and missing libtpu
+    except Exception as error:  # the plugins raise plain RuntimeErrors for unknown names and when missing
+        need = "the CUDA plugin: pip install 'jax[cuda13-local]'" if chip in GPUS else "libtpu: pip install 'jax[tpu]'"
         raise ValueError(
-            f"cannot describe TPU topology {name!r} ({error}); is libtpu installed? pip install 'jax[tpu]'"
+            f"cannot describe topology {name!r} ({error}); TPU slices are written v5p:4x4x4, GPU hosts h100:8 or "
+            f"h200:2x8; this needs {need}"
         ) from None
 
 
@@ -93,6 +129,7 @@ class Report:
     compiler_flops: float | None
     analytic_flops: float
     largest: list[tuple[str, tuple[int, ...], str]]
+    kernels: kernels.Inventory
 
     @property
     def total_bytes(self) -> int:
@@ -119,6 +156,7 @@ class Report:
         seconds = self.step_seconds(mfu)
         if seconds:
             lines.append(f"predicted time per call at {mfu:.0%} MFU: {seconds:.3f} s")
+        lines.append(self.kernels.line())
         lines.append("largest arrays (per-chip shard shape):")
         lines += [f"  {name} {shape} {spec}" for name, shape, spec in self.largest]
         return lines
@@ -175,12 +213,13 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
                        batch: int = 1, text_tokens: int = 32):  # fmt: skip
     """Lowers and compiles one guided generation (all scales, then the tokenizer's decode) for `devices`, with the
     transformer's parameters sharded by the config's rules. Returns (compiled, Report)."""
-    from infinity_jax.generate import Static, _generate
+    from infinity_jax.generate import Static, _generate, for_inference
     from infinity_jax.models.transformer import Infinity
 
     mesh = slice_mesh(config, devices, mesh_sizes)
     setup = trainer.build(config, mesh)
-    model_config = setup.step_config.model
+    # What generation runs: bf16 blocks, and on one Hopper GPU their gemms reading the stacked weights in place.
+    params, model_config = for_inference(setup.abstract_state.params, setup.step_config.model)
     schedule = schedules.infinity_schedule(template, config.schedule.resolution)
     frozen = frozen_towers.abstract(config, mesh, setup.step_config)
     static = Static(model_config, schedule, batch, guided=True, known=False, return_logits=False,
@@ -195,7 +234,7 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
         cond = (spec((rows, text_tokens, model_config.text_dim), np.float32), spec((rows, text_tokens), bool), None)
     else:
         cond = (None, None, spec((rows,), np.int32))
-    args = (setup.abstract_state.params, spec((), jax.random.key(0).dtype), *cond, spec((rows,), bool),
+    args = (params, spec((), jax.random.key(0).dtype), *cond, spec((rows,), bool),
             spec((k,), np.float32), spec((k,), np.float32), spec((), np.int32), spec((), np.float32), None,
             frozen.tokenizer, None)  # fmt: skip
     Infinity(model_config).check_schedule(schedule)
@@ -203,12 +242,17 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.step_config.rules):
         compiled = _compile(jax.jit(fn), args, mesh)
         analytic = flops.count_flops(fn, *args)
-    return compiled, _report(compiled, devices, mesh, f"generate {schedule.name} batch {batch}", analytic, setup)
+    what = f"generate {schedule.name} batch {batch}, layer weights {model_config.layer_weights}"
+    return compiled, _report(compiled, devices, mesh, what, analytic, setup)
 
 
 def _compile(jitted, args, mesh):
+    # Without a GPU XLA cannot autotune its Triton gemms, and its untuned split-K guesses can fail to tile small
+    # dots: compile them as cuBLAS calls (what the autotuner picks for most of our shapes anyway).
+    gpu = mesh.devices.flat[0].platform in ("gpu", "cuda")
+    options = {"xla_gpu_enable_triton_gemm": False} if gpu else None
     try:
-        return jitted.lower(*args).compile()
+        return jitted.lower(*args).compile(compiler_options=options)
     except jax.errors.JaxRuntimeError as error:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
@@ -235,11 +279,12 @@ def _report(compiled, devices, mesh, what: str, analytic: float, setup) -> Repor
         compiler_flops=(cost or {}).get("flops"),
         analytic_flops=analytic,
         largest=_largest(setup.abstract_state),
+        kernels=kernels.inventory(compiled.as_text()),
     )
 
 
 class DoesNotFit(Exception):
-    """The TPU compiler ran out of HBM (it refuses to compile a program that cannot fit)."""
+    """The compiler ran out of memory (the TPU compiler refuses to compile a program that cannot fit)."""
 
 
 def advice(mesh: dict[str, int], chips: int, config: ml_collections.ConfigDict) -> str:
@@ -277,7 +322,8 @@ def main(config):
         devices = topology_devices(f.topology)
         mesh = parse_mesh(f.mesh)
         compile_fn = _compile_fn(config, f.generate)
-        _, report = compile_fn(config, devices, mesh, f.template)
+        extra = {"batch": f.generate_batch} if f.generate else {}
+        compiled, report = compile_fn(config, devices, mesh, f.template, **extra)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
     except DoesNotFit as error:
@@ -288,14 +334,20 @@ def main(config):
         ) from None
     report.topology = f.topology
     print("\n".join(report.lines(f.mfu)))
+    if f.dump_hlo:
+        with open(f.dump_hlo, "w") as file:
+            file.write(compiled.as_text())
+        print(f"optimized HLO written to {f.dump_hlo}")
     if not report.fits:
         raise SystemExit(f"the train step does not fit {f.topology}: {advice(report.mesh, report.chips, config)}")
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:4x4x4, v5e:16x16, v6e:8x8.")
+    flags.DEFINE_string("topology", None, "TPU slice (v5p:4x4x4, v5e:16x16, v6e:8x8) or GPU hosts (h100:8, h200:2x8).")
     flags.DEFINE_string("mesh", "", "Mesh axis sizes, e.g. data=1,fsdp=64,tensor=1 (default: the config's).")
     flags.DEFINE_float("template", 1.0, "Aspect-ratio template (h/w) of the compiled batch shape.")
     flags.DEFINE_float("mfu", 0.45, "MFU assumed for the predicted step time.")
-    flags.DEFINE_bool("generate", False, "Compile one guided generation (batch 1, 32 text tokens) instead.")
+    flags.DEFINE_bool("generate", False, "Compile one guided generation (32 text tokens) instead.")
+    flags.DEFINE_integer("generate_batch", 1, "Images per guided generation (each with its unguided twin).")
+    flags.DEFINE_string("dump_hlo", "", "Write the optimized HLO of the compiled program to this file.")
     cli.run(main)

@@ -176,10 +176,20 @@ def for_inference(params, config: TransformerConfig):
     """
     config = dataclasses.replace(config, remat="none")
     if config.compute_dtype != jnp.float32:
-        params = {**params, "blocks": jax.tree.map(lambda x: jnp.asarray(x, config.compute_dtype), params["blocks"])}
+        params = {
+            **params,
+            "blocks": jax.tree.map(functools.partial(_cast, dtype=config.compute_dtype), params["blocks"]),
+        }
         if config.scan_blocks and _in_place_pays(params["blocks"]):
             config = dataclasses.replace(config, layer_weights="in_place")
     return params, config
+
+
+def _cast(x, dtype):
+    """`x` in `dtype`; shapes alone (jax.ShapeDtypeStruct, as `infinity_jax.aot` compiles from) stay shapes."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return jnp.asarray(x, dtype)
 
 
 def _in_place_pays(blocks) -> bool:

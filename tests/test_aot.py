@@ -1,13 +1,14 @@
-"""Ahead-of-time compilation of the train step for a real TPU topology, on CPU (needs libtpu, in the test extra)."""
+"""Ahead-of-time compilation for TPU slices and GPU hosts on CPU (libtpu and the CUDA plugin: test extra)."""
 
 import importlib.util
 import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
-from infinity_jax import aot
+from infinity_jax import aot, kernels
 from infinity_jax.cli import load_config_file
 from infinity_jax.train import perceptual
 
@@ -15,8 +16,11 @@ TINY = "configs/infinity.py:size=tiny,res=0.004M,tokenizer=tiny,t5=tiny,batch=8"
 
 
 def _devices(name):
-    if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("libtpu is not installed (pip install -e '.[test]' installs it)")
+    """A TPU slice (needs libtpu) or GPU hosts (h100:/h200:, compiled by XLA's GPU compiler from a target
+    description: needs the CUDA plugin, jax[cuda13-local], but no GPU); both come with the test extra."""
+    gpu = name.startswith(tuple(aot.GPUS))
+    if importlib.util.find_spec("jax_plugins.xla_cuda13" if gpu else "libtpu") is None:
+        pytest.skip(f"{'the CUDA plugin' if gpu else 'libtpu'} is not installed (pip install -e '.[test]' installs it)")
     return aot.topology_devices(name)
 
 
@@ -37,7 +41,9 @@ def test_tiny_train_step_compiles_for_v5e_and_reports_memory():
 def test_guided_generation_compiles_with_sharded_parameters():
     devices = _devices("v5e:2x2")
     _, report = aot.compile_generation(load_config_file(TINY), devices, aot.parse_mesh("data=2,fsdp=2"), 1.0)
-    assert report.fits and report.schedule == "generate 1.0@0.004M batch 1" and report.temp_bytes > 0
+    assert (
+        report.fits and report.schedule == "generate 1.0@0.004M batch 1, layer weights slice" and report.temp_bytes > 0
+    )
     assert 0.5 < report.compiler_flops * report.chips / report.analytic_flops < 8.0
     assert any(spec.startswith("P('fsdp'") for _, _, spec in report.largest)
 
@@ -54,7 +60,7 @@ def test_a_step_that_does_not_fit_fails_with_advice():
 
 def test_bad_topology_and_mesh_names_are_clear_errors():
     _devices("v5e:2x2")
-    with pytest.raises(ValueError, match="cannot describe TPU topology 'v9z:3x3'"):
+    with pytest.raises(ValueError, match="cannot describe topology 'v9z:3x3'"):
         aot.topology_devices("v9z:3x3")
     with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
         aot.parse_mesh("data=2,model=2")
@@ -80,3 +86,60 @@ def test_configs_without_a_train_step_are_clear_errors():
     with pytest.raises(ValueError, match="--generate needs a transformer config"):
         aot._compile_fn(load_config_file("configs/tokenizer.py:tokenizer=tiny"), generate=True)
     assert aot._compile_fn(load_config_file(TINY), generate=True) is aot.compile_generation
+
+
+def test_guided_generation_compiles_for_an_h200_with_in_place_layer_gemms():
+    devices = _devices("h200:1")
+    assert devices[0].device_kind == "NVIDIA H200" and aot.hbm_bytes(devices[0]) == int(141e9 * 0.75)
+    # Scanned bf16 blocks, as for_inference leaves them: on one Hopper GPU their gemms read the stacks in place.
+    config = load_config_file(TINY + ",res=0.016M")
+    config.model.update(scan_blocks=True, dtype="bfloat16")
+    _, report = aot.compile_generation(config, devices, {}, 1.0)
+    assert report.schedule.endswith("layer weights in_place") and report.fits
+    schedule = aot.schedules.infinity_schedule(1.0, config.schedule.resolution)
+    # One Triton layer_matmul per dense layer of each block at each scale: q·k·v, proj, cross q, proj, fc1, fc2 (the
+    # cross-attention's keys and values of the caption are projected once per generation).
+    kernels = report.kernels
+    assert kernels.launches["pallas"] == 6 * 2 * schedule.num_scales, kernels.launches
+    assert kernels.unknown_trips == 0 and kernels.collective_bytes == 0
+    assert kernels.launches["conv"] > 0 and kernels.written["fusion"] > 0  # the tokenizer's decode
+    assert "kernels launched per call" in "\n".join(report.lines(0.45))
+
+
+def test_fsdp_over_four_gpus_shards_the_state_and_gathers_the_weights():
+    devices = _devices("h100:4")
+    config = load_config_file(TINY)
+    _, data = aot.compile_train_step(config, devices, aot.parse_mesh("data=4,fsdp=1"), 1.0)
+    _, fsdp = aot.compile_train_step(config, devices, aot.parse_mesh("data=1,fsdp=4"), 1.0)
+    # Data parallelism keeps each weight whole on every GPU, FSDP a quarter of it.
+    fc1 = "blocks/block_0/ffn/fc1/kernel"
+    (data_shard,), ((fsdp_shard, spec),) = ([s for n, s, _ in data.largest if n == fc1],
+                                            [(s, p) for n, s, p in fsdp.largest if n == fc1])  # fmt: skip
+    assert "fsdp" in spec and np.prod(data_shard) == 4 * np.prod(fsdp_shard), (data_shard, fsdp_shard)
+    # Data parallelism all-reduces the gradients; FSDP gathers every weight before use and reduce-scatters the
+    # gradients to their owners.
+    assert data.kernels.launches.get("all-reduce", 0) > 0 and "all-gather" not in data.kernels.launches
+    assert fsdp.kernels.launches.get("all-gather", 0) > 0 and fsdp.kernels.launches.get("reduce-scatter", 0) > 0
+    assert fsdp.kernels.collective_bytes > 0 and data.kernels.collective_bytes > 0
+
+
+def test_kernel_inventory_counts_a_loop_body_once_per_trip():
+    devices = _devices("h200:1")
+    mesh = jax.sharding.Mesh(devices, ("x",))
+    spec = jax.ShapeDtypeStruct((64, 64), jax.numpy.bfloat16, sharding=jax.sharding.NamedSharding(mesh, jax.P()))
+
+    def f(x, w):  # 5 steps of a gemm and an element-wise tanh that does not fuse into it
+        return jax.lax.fori_loop(0, 5, lambda i, x: jax.numpy.tanh(x @ w) * (i + 1), x)
+
+    compiled = aot._compile(jax.jit(f), (spec, spec), mesh)
+    inventory = kernels.inventory(compiled.as_text())
+    assert inventory.launches["gemm"] == 5 and inventory.unknown_trips == 0
+    assert inventory.written["gemm"] == 5 * 64 * 64 * 2
+    with pytest.raises(ValueError, match="no ENTRY computation"):
+        kernels.inventory("HloModule m\n")
+
+
+def test_unknown_gpu_names_are_clear_errors():
+    _devices("h200:1")
+    with pytest.raises(ValueError, match="GPU hosts h100:8 or h200:2x8"):
+        aot.topology_devices("h200:eight")

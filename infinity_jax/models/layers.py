@@ -308,11 +308,11 @@ class CrossAttention(_Attention):
         # The bias is added in float32 and the sum rounded once, as attention would round it.
         return jnp.stack([kv[:, :, 0], (kv[:, :, 1] + self.v_bias).astype(kv.dtype)], axis=2)
 
-    def __call__(self, x, memory, memory_mask, memory_kv=None):
-        """x: [B, n, C]; memory: [B, T, C] (projected text); memory_mask: [B, T] bool, True for the first
-        len_b tokens of each caption; memory_kv: `project_memory(memory)` computed beforehand, or None -> [B, n, C]."""
+    def __call__(self, x, memory, lengths, memory_kv=None):
+        """x: [B, n, C]; memory: [B, T, C] (projected text); lengths: [B] int32, caption b fills the first
+        lengths[b] of the T tokens; memory_kv: `project_memory(memory)` computed beforehand (its T may be padded
+        further), or None -> [B, n, C]."""
         kv = self.project_memory(memory) if memory_kv is None else memory_kv
-        lengths = jnp.sum(memory_mask, axis=-1, dtype=jnp.int32)  # captions are padded at the end
         out = attention(
             self.q(x),
             kv[:, :, 0],

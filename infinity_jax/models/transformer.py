@@ -42,7 +42,7 @@ from infinity_jax.models.layers import (
     modulate,
     normal,
 )
-from infinity_jax.ops.attention import IMPLEMENTATIONS
+from infinity_jax.ops.attention import CUDNN_BLOCK, IMPLEMENTATIONS
 from infinity_jax.ops.layer_matmul import LayerKernel
 from infinity_jax.ops.rope import rope_table
 from infinity_jax.schedules import Schedule, var_schedule
@@ -178,16 +178,17 @@ class Condition:
     """What every position of one batch is conditioned on.
 
     cond: [B, C] pooled text or class embedding (SOS, head AdaLN). adaln: [B, 6, C] shared AdaLN (gss), or
-    cond itself when each block has its own AdaLN. memory / memory_mask: [B, T, C] / [B, T] projected text for
-    cross-attention (None for class conditioning). memory_kv: every block's cross-attention keys and values of
-    the memory, [depth, B, T, 2, H, hd] (`MemoryKV`, computed once per generation), or None (each block projects
-    the memory itself).
+    cond itself when each block has its own AdaLN. memory: [B, T, C] projected text for cross-attention (None
+    for class conditioning); memory_lengths: [B] int32, each caption's length (captions are padded at the end;
+    counted once here, not in every block). memory_kv: every block's cross-attention keys and values of the
+    memory, [depth, B, T', 2, H, hd] (`MemoryKV`, computed once per generation; T' ≥ T is padded for cuDNN), or
+    None (each block projects the memory itself).
     """
 
     cond: jax.Array
     adaln: jax.Array
     memory: jax.Array | None = None
-    memory_mask: jax.Array | None = None
+    memory_lengths: jax.Array | None = None
     memory_kv: jax.Array | None = None
 
 
@@ -262,7 +263,7 @@ class Block(nn.Module):
             memory_kv = ctx.condition.memory_kv
             memory_kv = None if memory_kv is None else memory_kv[layer]
             cross = CrossAttention(**heads, name="ca")(
-                h, ctx.condition.memory.astype(dtype), ctx.condition.memory_mask, memory_kv
+                h, ctx.condition.memory.astype(dtype), ctx.condition.memory_lengths, memory_kv
             )
             x = x + cross.astype(jnp.float32)
         ffn = FFN(c.ffn_dim, std, heads["proj_std"], dtype, name="ffn")(modulate(x, scale2, shift2).astype(dtype))
@@ -341,11 +342,12 @@ class _LayerMemoryKV(nn.Module):
 
 class MemoryKV(nn.Module):
     """Every block's cross-attention keys and values of one batch of captions: memory [B, T, C] ->
-    [depth, B, T, 2, H, hd] in the compute dtype.
+    [depth, B, T', 2, H, hd] in the compute dtype.
 
     They depend on the text only, so generation projects them once instead of at every scale (a scale's blocks
-    then read no cross-attention key/value weights). Applied to the blocks' parameters (`params["blocks"]`),
-    whose layout, scanned or one entry per block, it mirrors.
+    then read no cross-attention key/value weights). With cuDNN attention T' is T padded to cuDNN's tile, once
+    here rather than in every block at every scale (the caption lengths mask the padding). Applied to the
+    blocks' parameters (`params["blocks"]`), whose layout, scanned or one entry per block, it mirrors.
     """
 
     config: TransformerConfig
@@ -356,8 +358,12 @@ class MemoryKV(nn.Module):
         memory = memory.astype(c.compute_dtype)
         if c.scan_blocks:
             scanned = nn.scan(_LayerMemoryKV, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.depth)
-            return scanned(c, name="layers")(memory, None)[1]
-        return jnp.stack([_LayerMemoryKV(c, name=f"block_{i}")(memory, None)[1] for i in range(c.depth)])
+            kv = scanned(c, name="layers")(memory, None)[1]
+        else:
+            kv = jnp.stack([_LayerMemoryKV(c, name=f"block_{i}")(memory, None)[1] for i in range(c.depth)])
+        if c.attention == "cudnn":
+            kv = jnp.pad(kv, ((0, 0), (0, 0), (0, -kv.shape[2] % CUDNN_BLOCK), (0, 0), (0, 0), (0, 0)))
+        return kv
 
 
 class Infinity(nn.Module):
@@ -422,7 +428,8 @@ class Infinity(nn.Module):
             cond, memory = self.class_emb(labels), None
         cond = cond.astype(jnp.float32)
         adaln = self.shared_ada_lin(nn.silu(cond)) if c.shared_aln else cond
-        return Condition(cond=cond, adaln=adaln, memory=memory, memory_mask=text_mask if memory is not None else None)
+        lengths = None if memory is None else jnp.sum(text_mask, axis=-1, dtype=jnp.int32)
+        return Condition(cond=cond, adaln=adaln, memory=memory, memory_lengths=lengths)
 
     def unconditional_text(self, length: int) -> jax.Array:
         """[length, Ct5]: the learned unconditional caption, cut to a caption's length (REFERENCE §3.3)."""
