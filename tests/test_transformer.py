@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from infinity_jax import quantizer, schedules, sharding
 from infinity_jax.generate import for_inference, generate, sample_bits
-from infinity_jax.models import layers, sizes
+from infinity_jax.models import layers, sizes, transformer
 from infinity_jax.models.bsq_vae import TokenizerConfig
 from infinity_jax.models.transformer import Infinity, TransformerConfig
 from infinity_jax.tokenizer import Tokenizer
@@ -433,6 +433,29 @@ def test_cudnn_padding_leaves_masked_and_variable_length_attention_unchanged():
     assert none is None and kp.shape[1] == 64
     out = jax.nn.dot_product_attention(qp, kp, vp, scale=0.25, key_value_seq_lengths=lengths)[:, :21]
     np.testing.assert_allclose(out, attn.attention(q, text, text, scale=0.25, kv_lengths=lengths), atol=1e-6)
+
+
+def test_caption_keys_values_padded_once_for_cudnn_leave_cross_attention_unchanged():
+    """With cuDNN, generation pads the caption's keys/values to cuDNN's tile once (`MemoryKV`); the caption
+    lengths must mask the padding, so each block's cross-attention (run here through XLA) gives what it gives on
+    the unpadded keys/values."""
+    params, cond = random_params(TINY), conditioning(TINY)
+    condition = Infinity(TINY).apply({"params": params}, **cond, method=Infinity.condition)
+    np.testing.assert_array_equal(condition.memory_lengths, [5, 4])
+    cudnn = dataclasses.replace(TINY, attention="cudnn")
+    plain, padded = (
+        transformer.MemoryKV(c).apply({"params": params["blocks"]}, condition.memory) for c in (TINY, cudnn)
+    )
+    assert plain.shape[2] == 5 and padded.shape[2] == 64
+    np.testing.assert_array_equal(padded[:, :, :5], plain)
+    assert not bool(jnp.any(padded[:, :, 5:]))
+    x = jax.random.normal(jax.random.key(3), (2, 4, TINY.embed_dim))
+    for i in range(TINY.depth):
+        ca = layers.CrossAttention(**transformer._heads(TINY))
+        variables = {"params": params["blocks"][f"block_{i}"]["ca"]}
+        outs = [ca.apply(variables, x, condition.memory, condition.memory_lengths, kv[i]) for kv in (plain, padded)]
+        np.testing.assert_allclose(outs[1], outs[0], atol=1e-6)
+        assert float(jnp.abs(outs[0]).max()) > 1e-3  # not a comparison of zeros
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_image", "shared"])
