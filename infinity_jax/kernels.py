@@ -90,14 +90,19 @@ def _output_bytes(shape_text: str) -> int:
                for dtype, dims in _ARRAY.findall(shape_text) if dtype not in ("u8", "s8"))  # fmt: skip
 
 
-def _written_bytes(shape: str, rest: str, shapes: dict[str, str]) -> int:
+def _written_bytes(opcode: str, shape: str, rest: str, bodies: dict, shapes: dict[str, str]) -> int:
     """A kernel's output bytes; an in-place update of a buffer (a dynamic-update-slice, e.g. into a KV cache)
-    writes only its other operands' worth, not the whole buffer it returns."""
-    if "dynamic_update_slice" not in rest.split("calls=")[-1].split(",")[0] and "dynamic-update-slice" not in rest:
+    writes only its update's worth, not the whole buffer it returns."""
+    if opcode == "dynamic-update-slice":
+        updates = [rest]
+    else:
+        calls = re.search(r"calls=%([^,\s]+)", rest) if opcode == "fusion" else None
+        inner = bodies.get(calls.group(1), ()) if calls else ()
+        updates = [operands for op, _, operands in inner if op == "dynamic-update-slice"]
+    if not updates:
         return _output_bytes(shape)
-    operands = re.findall(r"%([^,\s)]+)", rest.split(")")[0])
-    sizes = sorted((_output_bytes(shapes.get(name, "")) for name in operands), reverse=True)
-    return sum(sizes[1:])  # all but the updated buffer itself
+    names = [re.findall(r"%([^,\s)]+)", operands.split(")")[0]) for operands in updates]
+    return sum(_output_bytes(shapes.get(operands[1], "")) for operands in names if len(operands) > 1)
 
 
 def _largest_array_bytes(shape_text: str) -> int:
@@ -145,7 +150,7 @@ def inventory(hlo_text: str) -> Inventory:
             elif opcode not in _FREE:
                 kind = family(opcode, rest)
                 launches[kind] += times
-                written[kind] += times * _written_bytes(shape, rest, shapes)
+                written[kind] += times * _written_bytes(opcode, shape, rest, bodies, shapes)
                 if kind == "collective" or kind.startswith(_COLLECTIVES):
                     totals["bytes"] += times * _largest_array_bytes(shape)
 

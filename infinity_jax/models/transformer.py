@@ -312,18 +312,37 @@ class BlockStack(nn.Module):
 
     def _in_place(self, x, ctx: BlockContext, cache, attrs: dict):
         """The scanned blocks with every layer's dense kernels left in their stacks (`LayerKernel`); the other
-        (small) parameters are sliced per layer as `nn.scan` would."""
+        (small) parameters are packed into one [depth, P] stack per dtype, so that a layer step cuts them out with
+        one dynamic slice per dtype instead of one per parameter: each slice is a kernel launch, and at the small
+        scales a layer step is bound by its launches."""
         c = self.config
         stacks = nn.unbox(self.variables["params"]["layers"])
         interpret = c.layer_weights == "in_place_interpret"
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(stacks)
+        # Per leaf: "stack" (a kernel read in place), "slice" (a kernel in another dtype: sliced and cast, as
+        # before) or "packed".
+        kinds = [
+            ("stack" if leaf.dtype == c.compute_dtype else "slice") if path[-1].key == "kernel" else "packed"
+            for path, leaf in leaves
+        ]
+        small = [leaf for (_, leaf), kind in zip(leaves, kinds, strict=True) if kind == "packed"]
+        dtypes = sorted({leaf.dtype.name for leaf in small})
+        packed = {
+            d: jnp.concatenate([x.reshape(c.depth, -1) for x in small if x.dtype.name == d], axis=1) for d in dtypes
+        }
 
         def body(carry, layer):
-            def view(path, stack):
-                if path[-1].key == "kernel" and stack.dtype == c.compute_dtype:  # else sliced and cast, as before
-                    return LayerKernel(stack, layer, interpret)
-                return stack[layer]
-
-            params = jax.tree_util.tree_map_with_path(view, stacks)
+            rows = {d: p[layer] for d, p in packed.items()}
+            offsets = dict.fromkeys(dtypes, 0)
+            params = []
+            for (_, leaf), kind in zip(leaves, kinds, strict=True):
+                if kind == "packed":
+                    d, size = leaf.dtype.name, math.prod(leaf.shape[1:])
+                    params.append(rows[d][offsets[d] : offsets[d] + size].reshape(leaf.shape[1:]))
+                    offsets[d] += size
+                else:
+                    params.append(LayerKernel(leaf, layer, interpret) if kind == "stack" else leaf[layer])
+            params = jax.tree.unflatten(treedef, params)
             return Block(c, **attrs, parent=None).apply({"params": params}, carry, ctx, (layer, 0.0))
 
         carry, _ = jax.lax.scan(body, (x, cache), jnp.arange(c.depth))
