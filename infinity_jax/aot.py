@@ -318,6 +318,9 @@ def main(config):
     f = flags.FLAGS
     if not f.topology:
         raise SystemExit("error: --topology is required, e.g. --topology v5p:4x4x4")
+    if f.topology.partition(":")[0] in GPUS:
+        # Compile-only: the CUDA plugin then describes the GPUs without initialising (or needing) a local GPU.
+        jax.config.update("jax_platforms", "cpu")
     try:
         devices = topology_devices(f.topology)
         mesh = parse_mesh(f.mesh)

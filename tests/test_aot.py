@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for TPU slices and GPU hosts on CPU (libtpu and the CUDA plugin: test extra)."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -143,3 +144,13 @@ def test_unknown_gpu_names_are_clear_errors():
     _devices("h200:1")
     with pytest.raises(ValueError, match="GPU hosts h100:8 or h200:2x8"):
         aot.topology_devices("h200:eight")
+
+
+def test_gpu_command_line_needs_no_platform_setting():
+    _devices("h100:2")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user runs it: the plugin is found
+    command = [sys.executable, "-m", "infinity_jax.aot", f"--config={TINY}", "--topology=h100:2", "--mesh=data=2"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(2 × NVIDIA H100 80GB HBM3)" in result.stdout and "all-reduce" in result.stdout
+    assert "of 55.9 GiB: fits" in result.stdout  # 75 % of 80 GB, JAX's default share
