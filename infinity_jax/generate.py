@@ -160,6 +160,10 @@ def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p
             nxt = pixel_unshuffle(nxt) if static.patchify else nxt
             x = apply(nxt.reshape(batch, -1, c.bits), method=Infinity.embed)
             x = jnp.concatenate([x, x]) if static.guided else x
+    if tokenizer is not None and c.compute_dtype != jnp.float32:
+        # As the official sampler, which decodes under bf16 autocast (REFERENCE §5.4): the decoder's convolutions
+        # in the blocks' compute dtype (latent and images stay float32).
+        tokenizer = tokenizer.replace(dtype=c.compute_dtype)
     images = tokenizer.decode_latent(latent) if tokenizer is not None else None
     logits = tuple(all_logits) if static.return_logits else None
     return Generation(tuple(all_bits), latent, images, logits, tuple(all_labels) if static.targets else None)

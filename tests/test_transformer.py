@@ -272,6 +272,36 @@ def test_generation_decodes_with_a_patchified_tokenizer():
     np.testing.assert_allclose(np.asarray(tokenizer.decode_bits(out.bits, schedule)), np.asarray(out.images), atol=1e-5)
 
 
+def test_bf16_generation_decodes_in_bf16_as_the_official_sampler():
+    tokenizer = Tokenizer.init(
+        TokenizerConfig(bits=8, stride=16, base_ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1), jax.random.key(0)
+    )
+    schedule = schedules.Schedule(((1, 1), (2, 2), (4, 4)), name="64px")
+
+    def conv_dtypes(precision):
+        """The input dtypes of the convolutions in the compiled generation (`_generate`, as `generate` jits it)."""
+        from infinity_jax.generate import Static, _generate
+
+        params, config = for_inference(random_params(TINY_CLASS), dataclasses.replace(TINY_CLASS, dtype=precision))
+        static = Static(config, schedule, batch=2, guided=False, known=False, return_logits=False)
+        ones = jnp.ones(schedule.num_scales)
+        args = (params, jax.random.key(0), None, None, jnp.array([1, 2]), None, ones, ones, 0, 0.0, None, tokenizer)
+        jaxpr = jax.make_jaxpr(functools.partial(_generate, static=static))(*args, None).jaxpr
+        return {str(e.invars[0].aval.dtype) for e in _equations(jaxpr) if e.primitive.name == "conv_general_dilated"}
+
+    assert conv_dtypes("bfloat16") == {"bfloat16"}  # the tokenizer itself is float32
+    assert conv_dtypes("float32") == {"float32"}
+
+
+def _equations(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                yield from _equations(inner)
+
+
 def test_fsdp_sharded_forward_equals_single_device():
     mesh = sharding.make_mesh(data=2, fsdp=4, devices=jax.devices("cpu"))
     _, inputs = ground_truth(TINY, SQUARE, batch=8)
