@@ -1,10 +1,13 @@
-"""The TPU fit table: for each size and resolution, the smallest slice of each chip kind whose train step fits.
+"""The fit table: for each size and resolution, the smallest TPU slice or GPU host of each chip kind whose train
+step fits.
 
-Run from the repository root on any CPU host with libtpu (`pip install -e ".[tpu]"` or the test extra): every entry is a real ahead-of-time
-compile of the train step (`infinity_jax.aot`), from shapes only. Slices are tried smallest first; on each, pure
-FSDP over all chips, then FSDP with 4-way tensor parallelism. The global batch is `--per_chip` images per chip.
+Run from the repository root on any CPU host with libtpu and the CUDA plugin (the test extra, or `pip install -e
+".[tpu]"` / `"jax[cuda13-local]"`): every entry is a real ahead-of-time compile of the train step
+(`infinity_jax.aot`), from shapes only. Slices are tried smallest first; on each, pure FSDP over all chips, then
+FSDP with 4-way tensor parallelism. The global batch is `--per_chip` images per chip.
 
     python benchmarks/aot_table.py --sizes 125m,1b,2b,8b,20b --res 0.06M,1M --chips v5p,v5e,v6e --out docs/tpu.md
+    python benchmarks/aot_table.py --sizes 2b,8b --res 0.06M --chips h100,h200 --per_chip 16 --out docs/gpu.md
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+
+import jax
 
 from infinity_jax import aot
 from infinity_jax.cli import load_config_file
@@ -21,6 +26,9 @@ SLICES = {
     "v5p": ["v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8", "v5p:4x8x8"],
     "v5e": ["v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:4x8", "v5e:8x8", "v5e:8x16", "v5e:16x16"],
     "v6e": ["v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:4x8", "v6e:8x8", "v6e:8x16", "v6e:16x16"],
+    # GPU hosts of 8 (NVLink within a host): one GPU, part of a host, whole hosts.
+    "h100": ["h100:1", "h100:2", "h100:4", "h100:8", "h100:2x8", "h100:4x8"],
+    "h200": ["h200:1", "h200:2", "h200:4", "h200:8", "h200:2x8", "h200:4x8"],
 }
 
 
@@ -61,11 +69,16 @@ def main():
     parser.add_argument("--mfu", type=float, default=0.45)
     parser.add_argument("--out", default=None, help="append the table (markdown) to this file")
     parser.add_argument(
-        "--attention", default="xla", choices=("xla", "splash"), help="splash: the TPU kernel (1024²'s mask)"
+        "--attention",
+        default="xla",
+        choices=("xla", "splash", "cudnn"),
+        help="splash: the TPU kernel (1024²'s mask); cudnn: NVIDIA's (needs nvidia-cudnn-cu13 on a CPU host)",
     )
     args = parser.parse_args()
+    if any(chip in aot.GPUS for chip in args.chips.split(",")):
+        jax.config.update("jax_platforms", "cpu")  # compile-only: the CUDA plugin needs no local GPU
     lines = [
-        f"### Smallest TPU slices whose train step fits ({datetime.date.today().isoformat()})",
+        f"### Smallest slices or GPU hosts whose train step fits ({datetime.date.today().isoformat()})",
         "",
         f"Command: `python {' '.join(sys.argv)}`; {args.per_chip:g} image(s) per chip, predicted time at "
         f"{args.mfu:.0%} MFU from the analytic FLOPs.",
