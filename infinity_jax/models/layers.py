@@ -313,10 +313,15 @@ class CrossAttention(_Attention):
         lengths[b] of the T tokens; memory_kv: `project_memory(memory)` computed beforehand (its T may be padded
         further), or None -> [B, n, C]."""
         kv = self.project_memory(memory) if memory_kv is None else memory_kv
+        # cuDNN's partitioner takes only queries, keys and values sharded alike; left to propagation, a large
+        # model's queries and the caption's keys can come out sharded differently (8B at 1024² on 2 GPUs did).
+        q, k, v = (
+            constrain(t, "act_batch", None, "act_heads", "act_kv") for t in (self.q(x), kv[:, :, 0], kv[:, :, 1])
+        )
         out = attention(
-            self.q(x),
-            kv[:, :, 0],
-            kv[:, :, 1],
+            q,
+            k,
+            v,
             scale=self.head_dim**-0.5,
             kv_lengths=lengths,
             implementation=self.kernel,
