@@ -16,8 +16,6 @@ import argparse
 import datetime
 import sys
 
-import jax
-
 from infinity_jax import aot
 from infinity_jax.cli import load_config_file
 from infinity_jax.models import sizes
@@ -75,8 +73,7 @@ def main():
         help="splash: the TPU kernel (1024²'s mask); cudnn: NVIDIA's (needs nvidia-cudnn-cu13 on a CPU host)",
     )
     args = parser.parse_args()
-    if any(chip in aot.GPUS for chip in args.chips.split(",")):
-        jax.config.update("jax_platforms", "cpu")  # compile-only: the CUDA plugin needs no local GPU
+    aot.compile_only(args.chips.split(","))
     lines = [
         f"### Smallest slices or GPU hosts whose train step fits ({datetime.date.today().isoformat()})",
         "",

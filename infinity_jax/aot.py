@@ -85,6 +85,13 @@ def topology_devices(name: str) -> list:
         ) from None
 
 
+def compile_only(names) -> None:
+    """Before JAX starts its backends: for GPU topologies (or chip kinds, "h100") it runs compile-only, so that the
+    CUDA plugin describes the GPUs without initialising (or needing) a local GPU."""
+    if any(name.partition(":")[0] in GPUS for name in names):
+        jax.config.update("jax_platforms", "cpu")
+
+
 def parse_mesh(spec: str) -> dict[str, int]:
     """ "data=2,fsdp=4,tensor=1" -> {"data": 2, "fsdp": 4, "tensor": 1}; omitted axes keep the config's."""
     sizes = {}
@@ -318,9 +325,7 @@ def main(config):
     f = flags.FLAGS
     if not f.topology:
         raise SystemExit("error: --topology is required, e.g. --topology v5p:4x4x4")
-    if f.topology.partition(":")[0] in GPUS:
-        # Compile-only: the CUDA plugin then describes the GPUs without initialising (or needing) a local GPU.
-        jax.config.update("jax_platforms", "cpu")
+    compile_only([f.topology])
     try:
         devices = topology_devices(f.topology)
         mesh = parse_mesh(f.mesh)

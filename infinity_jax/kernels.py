@@ -84,10 +84,15 @@ def family(opcode: str, rest: str) -> str:
     return opcode
 
 
+def _arrays(shape_text: str) -> list[tuple[str, int]]:
+    """(dtype, bytes) of each array in a (tuple) shape such as "(bf16[8,64]{1,0}, u8[0]{0})"."""
+    return [(dtype, _BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d))
+            for dtype, dims in _ARRAY.findall(shape_text)]  # fmt: skip
+
+
 def _output_bytes(shape_text: str) -> int:
     """The bytes of a kernel's outputs; the u8/s8 scratch that cuBLAS and cuDNN calls return is not data."""
-    return sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-               for dtype, dims in _ARRAY.findall(shape_text) if dtype not in ("u8", "s8"))  # fmt: skip
+    return sum(size for dtype, size in _arrays(shape_text) if dtype not in ("u8", "s8"))
 
 
 def _written_bytes(opcode: str, shape: str, rest: str, bodies: dict, shapes: dict[str, str]) -> int:
@@ -107,8 +112,7 @@ def _written_bytes(opcode: str, shape: str, rest: str, bodies: dict, shapes: dic
 
 def _largest_array_bytes(shape_text: str) -> int:
     """The largest buffer of a (tuple) shape: an all-gather's output, a reduce-scatter's input."""
-    return max((_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-                for dtype, dims in _ARRAY.findall(shape_text)), default=0)  # fmt: skip
+    return max((size for _, size in _arrays(shape_text)), default=0)
 
 
 def inventory(hlo_text: str) -> Inventory:
