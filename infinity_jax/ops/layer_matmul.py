@@ -27,8 +27,8 @@ def _layer_matmul_kernel(layer_ref, x_ref, w_ref, o_ref, *, m: int, block_m: int
     start = pl.program_id(0) * block_m
     rows, columns = pl.ds(start, block_m), pl.ds(pl.program_id(1) * block_n, block_n)
     # The last row tile may run past M; its rows beyond M are neither read nor written (Triton blocks are not
-    # bounds-checked). Masking here rather than padding x saves a kernel launch per gemm: at small scales a tenth
-    # of a generation's launches.
+    # bounds-checked). Masking here rather than padding x saves the pad's kernel launch for every gemm whose rows
+    # are not a multiple of the tile.
     in_bounds = None if m % block_m == 0 else (start + jnp.arange(block_m) < m)[:, None]
 
     def step(s, acc):
