@@ -35,6 +35,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--attention", default="cudnn")
     parser.add_argument("--remat", default="dots_saveable")
+    parser.add_argument("--unroll", action="store_true", help="one block per layer instead of nn.scan")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dump", help="folder for the optimized HLO of the step")
@@ -42,7 +43,12 @@ def main(argv=None):
 
     schedule = schedules.infinity_schedule(1.0, args.resolution)
     config = TransformerConfig.from_size(
-        args.size, depth=args.depth, scan_blocks=True, remat=args.remat, attention=args.attention, dtype="bfloat16"
+        args.size,
+        depth=args.depth,
+        scan_blocks=not args.unroll,
+        remat=args.remat,
+        attention=args.attention,
+        dtype="bfloat16",
     )
     model = Infinity(config)
     rng = np.random.default_rng(0)
@@ -75,7 +81,7 @@ def main(argv=None):
     print("| res | batch | blocks | ms/step | compile s | f32 [B, C, L] values | loss | grad norm |")
     print("|---|---|---|---|---|---|---|---|")
     print(
-        f"| {args.resolution} | {b} | {args.depth} | {seconds * 1e3:.1f} | "
+        f"| {args.resolution} | {b} | {args.depth} {'unrolled' if args.unroll else 'scanned'} | {seconds * 1e3:.1f} | "
         f"{compile_s:.0f} | {tokens_minor} | {float(value):.6f} | {grad_norm:.6e} |"
     )
 

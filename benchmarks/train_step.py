@@ -44,8 +44,9 @@ from infinity_jax.train import trainer
 OFFICIAL_TOKENS_PER_S = {("0.06M", 16): "11.7k", ("0.25M", 8): "14.8k"}  # REFERENCE §8.2, H100
 
 
-def make_config(size, resolution, batch, attention, remat, text_len, tokenizer_json, extra=""):
+def make_config(size, resolution, batch, attention, remat, text_len, tokenizer_json, extra="", blocks="scanned"):
     config = load_config_file(f"configs/infinity.py:size={size},res={resolution},batch={batch}{extra}")
+    config.model.scan_blocks = blocks == "scanned"
     config.tokenizer.checkpoint = config.text.checkpoint = "random"
     config.text.tokenizer = tokenizer_json
     config.text.max_length = text_len
@@ -113,11 +114,12 @@ def bench(config, args, text, mesh):
 
 
 def one_cell(args) -> None:
-    """--single RES:BATCH:ATTENTION:REMAT:TEXT:DEVICES: measures one cell (batch per device), prints one JSON line."""
-    res, batch, attention, remat, text, devices = args.single.split(":")
+    """--single RES:BATCH:ATTENTION:REMAT:TEXT:BLOCKS:DEVICES: measures one cell (batch per device), prints one JSON
+    line."""
+    res, batch, attention, remat, text, blocks, devices = args.single.split(":")
     devices = int(devices)
     config = make_config(args.size, res, int(batch) * devices, attention, remat, args.text_len, args.text_tokenizer,
-                         args.config_args)  # fmt: skip
+                         args.config_args, blocks)  # fmt: skip
     seconds, target_s, flops, peak, tokens = bench(config, args, text, make_mesh(devices, args.parallel))
     print(
         "CELL " + json.dumps({"seconds": seconds, "targets": target_s, "flops": flops, "peak": peak, "tokens": tokens})
@@ -138,6 +140,12 @@ def main(argv=None):
         help="t5: the frozen T5 encoder runs inside the step; features: the step gets T5 features (as the official "
         "train_step, whose T5 runs outside it); or both, comma-separated",
     )
+    parser.add_argument(
+        "--blocks",
+        default="scanned",
+        help="scanned (nn.scan over the stacked layers: one block compiled) or unrolled (one per layer: slower to "
+        "compile, no scan stacks to fill), or both",
+    )
     parser.add_argument("--devices", default="", help="device counts, e.g. 1,2,4 (default: one device)")
     parser.add_argument("--parallel", default="data", choices=["data", "fsdp"], help="the mesh axis the devices form")
     parser.add_argument("--text_tokenizer", default="tests/assets/t5_tokenizer/tokenizer.json")
@@ -153,18 +161,23 @@ def main(argv=None):
     device = jax.devices()[0]
     peak_tf = peak_tflops(device)
     rows = [
-        "| res | batch/device | devices | attention | remat | text (len) | s/step | tokens/s | images/s | TFLOP/step | "
+        "| res | batch/device | devices | attention | remat | text (len) | blocks | s/step | tokens/s | images/s | TFLOP/step | "
         "TFLOP/s | MFU | scaling | targets % | peak GiB/device | official tokens/s (H100) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     cells = [c.split(":") for c in args.cells.split(",")]
     device_counts = [int(n) for n in args.devices.split(",")] if args.devices else [1]
     grid = itertools.product(
-        cells, args.attention.split(","), args.remat.split(","), args.text.split(","), device_counts
+        cells,
+        args.attention.split(","),
+        args.remat.split(","),
+        args.text.split(","),
+        args.blocks.split(","),
+        device_counts,
     )
     single_device = {}  # tokens/s on one device, per cell, for the scaling column
-    for (res, batch), attention, remat, text, n in grid:
-        name = f"{res}:{batch}:{attention}:{remat}:{text}"
+    for (res, batch), attention, remat, text, blocks, n in grid:
+        name = f"{res}:{batch}:{attention}:{remat}:{text}:{blocks}"
         where = f"{n} {args.parallel if n > 1 else ''}".strip()
         command = [sys.executable, __file__, "--single", f"{name}:{n}", "--size", args.size, "--parallel", args.parallel,
                    "--text_len", str(args.text_len), "--text_tokenizer", args.text_tokenizer, "--warmup",
@@ -175,7 +188,7 @@ def main(argv=None):
         found = [line for line in done.stdout.splitlines() if line.startswith("CELL ")]
         if done.returncode or not found:  # one failing cell (e.g. out of memory) should not lose the others
             errors = [line for line in done.stderr.splitlines() if "Error" in line] or ["?"]
-            rows.append(f"| {res} | {batch} | {where} | {attention} | {remat} | {text} {args.text_len} | "
+            rows.append(f"| {res} | {batch} | {where} | {attention} | {remat} | {text} {args.text_len} | {blocks} | "
                         f"failed: {errors[-1][:100]} |||||||||")  # fmt: skip
             print(rows[-1], flush=True)
             continue
@@ -193,7 +206,7 @@ def main(argv=None):
         tflops = flops / seconds / 1e12
         mfu = f"{tflops / (n * peak_tf):.0%}" if peak_tf else "–"
         rows.append(
-            f"| {res} | {batch} | {where} | {attention} | {remat} | {text} {args.text_len} | {seconds:.3f} | "
+            f"| {res} | {batch} | {where} | {attention} | {remat} | {text} {args.text_len} | {blocks} | {seconds:.3f} | "
             f"{tokens_per_s / 1e3:.1f}k | {images / seconds:.1f} | {flops / 1e12:.1f} | {tflops:.0f} | {mfu} | "
             f"{scaling} | {target_s / seconds:.0%} | {peak:.1f} | {OFFICIAL_TOKENS_PER_S.get((res, images), '–')} |"
         )
@@ -203,7 +216,7 @@ def main(argv=None):
     text_source = " / ".join(text_where[t] for t in args.text.split(","))
     description = (
         f"Device: {device.device_kind}; {versions}. {args.size}, random weights, bf16 compute, fp32 params/AdamW, "
-        f"scanned blocks; frozen tokenizer + BSC inside the step; {text_source}; median of {args.repeats} steps; "
+        f"frozen tokenizer + BSC inside the step; {text_source}; median of {args.repeats} steps; "
         f"devices {args.devices or 1} ({args.parallel} parallel beyond one), batch per device."
     )
     report(f"Training step, {args.size}", description, rows, args.results)
