@@ -238,11 +238,12 @@ class SelfAttention(_Attention):
     def __call__(self, x, rope, schedule=None, cache=None, start: int = 0, layer=0):
         """x: [B, n, C]; rope: (cos, sin) [n, hd/2], or None (no RoPE: VAR's absolute positions); schedule: given in
         training, where x is the whole sequence under the schedule's block-causal mask; cache: (k, v)
-        [depth, B, L, H, hd] of all layers, or None.
+        [depth, B, L, H, hd] of all layers (scanned blocks), or this layer's [B, L', H, hd] (unrolled), or None.
 
-        With a cache, this layer's new keys/values are written in place at [layer, :, start : start + n] and the
+        With a cache, this layer's new keys/values are written in place at [(layer,) :, start : start + n] and the
         queries attend to the layer's first start + n rows (no mask: everything before is visible). The whole
-        stack is one buffer so that generation never copies it. Returns (out [B, n, C], cache).
+        stack is one buffer so that generation never copies it; cuDNN reads a layer's own cache whole, bounded by
+        key lengths. Returns (out [B, n, C], cache).
         """
         h, hd = self.num_heads, self.head_dim
         qkv = dense(
@@ -262,7 +263,19 @@ class SelfAttention(_Attention):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = (constrain(t, "act_batch", "act_len", "act_heads", "act_kv") for t in (q, k, v))
-        if cache is not None:
+        kv_lengths = None
+        if cache is not None and cache[0].ndim == 4:  # this layer's own cache (unrolled blocks)
+            b, n = x.shape[:2]
+            cache = tuple(
+                jax.lax.dynamic_update_slice(c, t.astype(c.dtype), (0, start, 0, 0))
+                for c, t in zip(cache, (k, v), strict=True)
+            )
+            if self.kernel == "cudnn":
+                k, v = cache
+                kv_lengths = jnp.full((b,), start + n, jnp.int32)
+            else:
+                k, v = (c[:, : start + n] for c in cache)
+        elif cache is not None:
             b, n = x.shape[:2]
             cache = tuple(
                 jax.lax.dynamic_update_slice(c, t[None].astype(c.dtype), (layer, 0, start, 0, 0))
@@ -271,7 +284,7 @@ class SelfAttention(_Attention):
             k, v = (jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), (1, b, start + n, h, hd))[0] for c in cache)
         q = q.astype(self.dtype)
         if schedule is None:
-            out = attention(q, k, v, scale=1.0, implementation=self.kernel)
+            out = attention(q, k, v, scale=1.0, kv_lengths=kv_lengths, implementation=self.kernel)
         elif self.attention_impl.startswith("splash"):
             interpret = self.attention_impl == "splash_interpret"
             out = block_causal_attention(q, k, v, schedule, scale=1.0, interpret=interpret)

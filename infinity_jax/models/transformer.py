@@ -305,10 +305,12 @@ class BlockStack(nn.Module):
             )
             carry, _ = scanned(c, **attrs, name="layers")((x, cache), ctx, (jnp.arange(c.depth), rates))
             return carry
-        carry = (x, cache)
+        layer_caches = []
         for i in range(c.depth):
-            carry, _ = block(c, **attrs, name=f"block_{i}")(carry, ctx, (jnp.int32(i), rates[i]))
-        return carry
+            layer_cache = None if cache is None else cache[i]
+            (x, layer_cache), _ = block(c, **attrs, name=f"block_{i}")((x, layer_cache), ctx, (jnp.int32(i), rates[i]))
+            layer_caches.append(layer_cache)
+        return x, None if cache is None else tuple(layer_caches)
 
     def _in_place(self, x, ctx: BlockContext, cache, attrs: dict):
         """The scanned blocks with every layer's dense kernels left in their stacks (`LayerKernel`); the other
@@ -541,6 +543,14 @@ def _uncond_init(key, shape, dtype=jnp.float32):
 
 
 def init_cache(config: TransformerConfig, batch: int, schedule: Schedule):
-    """Zeroed KV cache for one generation: (k, v), each [depth, B, L, H, hd] in the compute dtype."""
-    shape = (config.depth, batch, schedule.num_tokens, config.num_heads, config.head_dim)
-    return tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(2))
+    """Zeroed KV cache for one generation, in the compute dtype.
+
+    Scanned blocks: (k, v), each [depth, B, L, H, hd], one buffer that the scan carries. Unrolled blocks: one
+    (k, v) per layer, each [B, L', H, hd] with L' the tokens rounded up to cuDNN's tile, so that cuDNN reads a
+    layer's cache in place, bounded by key lengths (a prefix cut out of a stacked buffer is a copy per call).
+    """
+    shape = (batch, schedule.num_tokens, config.num_heads, config.head_dim)
+    if config.scan_blocks:
+        return tuple(jnp.zeros((config.depth, *shape), config.compute_dtype) for _ in range(2))
+    shape = (batch, -(-schedule.num_tokens // CUDNN_BLOCK) * CUDNN_BLOCK, *shape[2:])
+    return tuple(tuple(jnp.zeros(shape, config.compute_dtype) for _ in range(2)) for _ in range(config.depth))
