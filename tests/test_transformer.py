@@ -124,6 +124,26 @@ def test_scanned_rematerialised_blocks_equal_the_loop():
     looped, stacked = run(random_params(TINY), TINY), run(params, scanned)
     np.testing.assert_allclose(np.asarray(stacked.logits[-1]), np.asarray(looped.logits[-1]), atol=1e-5)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    # The loop keeps one cache per layer, its length rounded up to cuDNN's tile; the scan one stacked buffer.
+    per_layer, stacked_cache = transformer.init_cache(TINY, 2, SQUARE), transformer.init_cache(scanned, 2, SQUARE)
+    assert len(per_layer) == TINY.depth and per_layer[0][0].shape == (2, 576, TINY.num_heads, TINY.head_dim)
+    assert stacked_cache[0].shape == (TINY.depth, 2, SQUARE.num_tokens, TINY.num_heads, TINY.head_dim)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+def test_cudnn_generation_reads_each_layer_cache_whole():
+    """With unrolled blocks, cuDNN attends over a layer's whole cache bounded by key lengths, where XLA's kernel
+    takes the prefix: the logits must agree up to bf16 rounding."""
+    config = dataclasses.replace(TINY, dtype="bfloat16")
+    params, config = for_inference(random_params(TINY), config)
+    bits, _ = ground_truth(TINY, SQUARE)
+    run = functools.partial(
+        generate, params, schedule=SQUARE, key=jax.random.key(0), **conditioning(TINY), cfg=2.0,
+        teacher_bits=bits, return_logits=True,
+    )  # fmt: skip
+    xla, cudnn = run(config), run(dataclasses.replace(config, attention="cudnn"))
+    for a, b in zip(xla.logits, cudnn.logits, strict=True):
+        np.testing.assert_allclose(np.float32(b), np.float32(a), rtol=3e-2, atol=3e-2)
 
 
 def test_inference_layout_casts_only_the_blocks():
