@@ -130,7 +130,7 @@ def test_scanned_rematerialised_blocks_equal_the_loop():
     assert stacked_cache[0].shape == (TINY.depth, 2, SQUARE.num_tokens, TINY.num_heads, TINY.head_dim)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.skipif(jax.default_backend() not in ("gpu", "cuda"), reason="cuDNN attention needs an NVIDIA GPU")
 def test_cudnn_generation_reads_each_layer_cache_whole():
     """With unrolled blocks, cuDNN attends over a layer's whole cache bounded by key lengths, where XLA's kernel
     takes the prefix: the logits must agree up to bf16 rounding."""
