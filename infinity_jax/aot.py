@@ -164,6 +164,8 @@ class Report:
         if seconds:
             lines.append(f"predicted time per call at {mfu:.0%} MFU: {seconds:.3f} s")
         lines.append(self.kernels.line())
+        lines.append("heaviest kernels (bytes written per call, launches, family, instruction, shape, source):")
+        lines += [f"  {kernel.line()}" for kernel in self.kernels.heaviest]
         lines.append("largest arrays (per-chip shard shape):")
         lines += [f"  {name} {shape} {spec}" for name, shape, spec in self.largest]
         return lines

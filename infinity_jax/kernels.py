@@ -28,6 +28,25 @@ _COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_SOURCE = re.compile(r'op_name="([^"]*)"')
+# How many of a program's kernels, the heaviest writers first, an inventory keeps by name.
+HEAVIEST = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One launching instruction of the optimized HLO, over all the times a call runs it."""
+
+    name: str  # the HLO instruction
+    family: str
+    launches: int
+    written: int  # bytes, over all its launches
+    shape: str  # its output shape text
+    source: str  # the JAX op it came from (metadata op_name), where XLA kept one
+
+    def line(self) -> str:
+        return (f"{self.written / 2**30:7.2f} GiB {self.launches:6d}× {self.family:10s} {self.name} "
+                f"{self.shape[:60]} {self.source[-90:]}")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +55,7 @@ class Inventory:
     written: dict[str, int]  # family -> bytes its kernels write per call (outputs; not library workspaces)
     collective_bytes: int  # per call and device: each collective's largest buffer, summed
     unknown_trips: int  # while loops whose trip count XLA did not record (counted once)
+    heaviest: tuple[Kernel, ...] = ()  # the HEAVIEST kernels by bytes written per call, most first
 
     @property
     def total(self) -> int:
@@ -103,7 +123,7 @@ def _written_bytes(opcode: str, shape: str, rest: str, bodies: dict, shapes: dic
     else:
         calls = re.search(r"calls=%([^,\s]+)", rest) if opcode == "fusion" else None
         inner = bodies.get(calls.group(1), ()) if calls else ()
-        updates = [operands for op, _, operands in inner if op == "dynamic-update-slice"]
+        updates = [operands for _, op, _, operands in inner if op == "dynamic-update-slice"]
     if not updates:
         return _output_bytes(shape)
     names = [re.findall(r"%([^,\s)]+)", operands.split(")")[0]) for operands in updates]
@@ -117,7 +137,7 @@ def _largest_array_bytes(shape_text: str) -> int:
 
 def inventory(hlo_text: str) -> Inventory:
     """Kernels launched by one call of the program whose optimized HLO is `hlo_text` (`compiled.as_text()`)."""
-    bodies: dict[str, list[tuple[str, str, str]]] = {}
+    bodies: dict[str, list[tuple[str, str, str, str]]] = {}  # computation -> (name, opcode, shape, operands…)
     shapes: dict[str, str] = {}  # instruction name -> its shape text (names are unique in a module)
     entry, current = None, None
     for line in hlo_text.splitlines():
@@ -126,7 +146,7 @@ def inventory(hlo_text: str) -> Inventory:
             bodies[current] = []
             entry = current if match.group(1) else entry
         elif current is not None and (match := _INSTRUCTION.match(line)):
-            bodies[current].append(match.group(3, 2, 4))
+            bodies[current].append(match.group(1, 3, 2, 4))
             shapes[match.group(1)] = match.group(2)
     if entry is None:
         raise ValueError("no ENTRY computation in this HLO text: pass compiled.as_text() of a compiled program")
@@ -134,9 +154,10 @@ def inventory(hlo_text: str) -> Inventory:
     launches: collections.Counter = collections.Counter()
     written: collections.Counter = collections.Counter()
     totals = {"bytes": 0, "unknown": 0}
+    kernels: dict[str, Kernel] = {}
 
     def walk(name: str, times: int):
-        for opcode, shape, rest in bodies.get(name, ()):
+        for instruction, opcode, shape, rest in bodies.get(name, ()):
             if opcode == "while":
                 trip = _TRIP.search(rest)
                 totals["unknown"] += trip is None
@@ -153,10 +174,17 @@ def inventory(hlo_text: str) -> Inventory:
                 walk(re.search(r"to_apply=%([^,\s]+)", rest).group(1), times)
             elif opcode not in _FREE:
                 kind = family(opcode, rest)
+                size = times * _written_bytes(opcode, shape, rest, bodies, shapes)
                 launches[kind] += times
-                written[kind] += times * _written_bytes(opcode, shape, rest, bodies, shapes)
+                written[kind] += size
+                seen = kernels.get(instruction)
+                source = _SOURCE.search(rest)
+                kernels[instruction] = Kernel(instruction, kind, times + (seen.launches if seen else 0),
+                                              size + (seen.written if seen else 0), shape,
+                                              source.group(1) if source else "")  # fmt: skip
                 if kind == "collective" or kind.startswith(_COLLECTIVES):
                     totals["bytes"] += times * _largest_array_bytes(shape)
 
     walk(entry, 1)
-    return Inventory(dict(launches), dict(written), totals["bytes"], totals["unknown"])
+    heaviest = tuple(sorted(kernels.values(), key=lambda k: -k.written)[:HEAVIEST])
+    return Inventory(dict(launches), dict(written), totals["bytes"], totals["unknown"], heaviest)

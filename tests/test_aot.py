@@ -136,6 +136,9 @@ def test_kernel_inventory_counts_a_loop_body_once_per_trip():
     inventory = kernels.inventory(compiled.as_text())
     assert inventory.launches["gemm"] == 5 and inventory.unknown_trips == 0
     assert inventory.written["gemm"] == 5 * 64 * 64 * 2
+    gemm = next(k for k in inventory.heaviest if k.family == "gemm")
+    assert (gemm.launches, gemm.written) == (5, 5 * 64 * 64 * 2) and "dot" in gemm.source, gemm
+    assert [k.written for k in inventory.heaviest] == sorted((k.written for k in inventory.heaviest), reverse=True)
     with pytest.raises(ValueError, match="no ENTRY computation"):
         kernels.inventory("HloModule m\n")
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from infinity_jax.ops.attention import attention, prefix_attention
 from infinity_jax.ops.layer_matmul import LayerKernel
-from infinity_jax.ops.rope import apply_rope
+from infinity_jax.ops.rope import normalized_rope
 from infinity_jax.ops.splash import block_causal_attention
 
 LN_EPS = 1e-6
@@ -140,11 +140,6 @@ def _gated_residual_bwd(residuals, dy):
 gated_residual.defvjp(_gated_residual_fwd, _gated_residual_bwd)
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
 class Dense(nn.Module):
     """x · kernel (+ bias) contracting the last `in_dims` axes of x, with multi-axis outputs.
 
@@ -258,10 +253,8 @@ class SelfAttention(_Attention):
         dtype = jnp.result_type(qkv, q_bias)
         q = bias_add(qkv[:, :, 0].astype(dtype), q_bias.astype(dtype))
         k, v = qkv[:, :, 1], bias_add(qkv[:, :, 2].astype(dtype), v_bias.astype(dtype))
-        q = l2_normalize(q) * jnp.exp(jnp.minimum(scale_mul, MAX_LOG_SCALE))[:, None]
-        k = l2_normalize(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = normalized_rope(q, rope, jnp.exp(jnp.minimum(scale_mul, MAX_LOG_SCALE))).astype(self.dtype)
+        k = normalized_rope(k, rope).astype(self.dtype)
         q, k, v = (constrain(t, "act_batch", "act_len", "act_heads", "act_kv") for t in (q, k, v))
         kv_lengths = None
         if cache is not None and cache[0].ndim == 4:  # this layer's own cache (unrolled blocks)
@@ -282,7 +275,6 @@ class SelfAttention(_Attention):
                 for c, t in zip(cache, (k, v), strict=True)
             )
             k, v = (jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), (1, b, start + n, h, hd))[0] for c in cache)
-        q = q.astype(self.dtype)
         if schedule is None:
             out = attention(q, k, v, scale=1.0, kv_lengths=kv_lengths, implementation=self.kernel)
         elif self.attention_impl.startswith("splash"):

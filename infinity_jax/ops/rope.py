@@ -38,17 +38,76 @@ def rope_table(schedule: Schedule, head_dim: int) -> tuple[np.ndarray, np.ndarra
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates adjacent channel pairs.
+def normalized_rope(x: jax.Array, rope, scale: jax.Array | None = None) -> jax.Array:
+    """Cosine attention's queries or keys: each head vector scaled to unit length (times `scale`), then rotated.
+
+    A rotation keeps lengths, so the length is taken from x itself and applied after the rotation; the gradient
+    is written out (rotation back, then the unit sphere's projection) so that neither pass writes the float32
+    unit or rotated vectors for a second kernel to read back: XLA reads x for the small [B, n, H, 1] lengths and
+    again for the output.
 
     Args:
-      x: [B, n, H, hd] queries or keys.
-      cos, sin: [n, hd/2] angles of the n tokens.
+      x: [B, n, H, hd] projected queries or keys.
+      rope: (cos, sin), each [n, hd/2], or None (no rotation: VAR).
+      scale: [H] per-head multiplier, or None.
 
     Returns:
       [B, n, H, hd] float32.
     """
+    scale = jnp.ones(x.shape[-2], jnp.float32) if scale is None else scale
+    return _normalized_rope(x, () if rope is None else tuple(rope), scale)
+
+
+_EPS = 1e-12  # F.normalize's floor on the length
+
+
+def _pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[..., hd] -> its adjacent channel pairs (x[..., 0::2], x[..., 1::2]) in float32, [..., hd/2] each."""
     pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    a, b = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1).reshape(x.shape)
+    return pairs[..., 0], pairs[..., 1]
+
+
+def _rotate(a, b, rope: tuple, inverse: bool = False):
+    """Pairs (a, b) [B, n, H, hd/2] turned by the rope angles (backwards for the inverse)."""
+    if not rope:
+        return a, b
+    cos, sin = (t[None, :, None, :] for t in rope)
+    sin = -sin if inverse else sin
+    return a * cos - b * sin, a * sin + b * cos
+
+
+def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.stack([a, b], axis=-1).reshape(*a.shape[:-1], -1)
+
+
+def _inverse_length(a: jax.Array, b: jax.Array) -> jax.Array:
+    """1 / max(|x|, eps) [B, n, H, 1] of the vectors whose pairs are (a, b)."""
+    return 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(a * a + b * b, axis=-1, keepdims=True)), _EPS)
+
+
+@jax.custom_vjp
+def _normalized_rope(x, rope, scale):
+    a, b = _pairs(x)
+    return _interleave(*_rotate(a, b, rope)) * (_inverse_length(a, b) * scale[:, None])
+
+
+def _normalized_rope_fwd(x, rope, scale):
+    return _normalized_rope(x, rope, scale), (x, rope, scale)
+
+
+def _normalized_rope_bwd(residuals, g):
+    # y = s R(x)/|x| gives dx = (s/|x|)(u − x̂⟨x̂, u⟩) with u = Rᵀ dy, and ds = Σ⟨x̂, u⟩ (R is orthogonal). Kept in
+    # pairs so that the only interleave is dx's: the reduction reads x and dy directly.
+    x, rope, scale = residuals
+    a, b = _pairs(x)
+    ua, ub = _rotate(*_pairs(g), rope, inverse=True)
+    inverse = _inverse_length(a, b)
+    along = jnp.sum(a * ua + b * ub, axis=-1, keepdims=True) * inverse  # ⟨x̂, u⟩ [B, n, H, 1]
+    # Below the floor the length is the constant eps: no projection.
+    along_x = jnp.where(inverse < 1.0 / _EPS, along * inverse, 0.0)
+    dx = _interleave(ua - a * along_x, ub - b * along_x) * (inverse * scale[:, None])
+    dscale = jnp.sum(along, axis=(0, 1, 3)).astype(scale.dtype)
+    return dx.astype(x.dtype), jax.tree.map(jnp.zeros_like, rope), dscale
+
+
+_normalized_rope.defvjp(_normalized_rope_fwd, _normalized_rope_bwd)
