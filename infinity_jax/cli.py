@@ -8,9 +8,11 @@ a key that does not exist; `run` turns that into one line that names the key and
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -94,4 +96,13 @@ def train_in(
     if not workdir:
         raise SystemExit("error: --workdir is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    cache_compilations(workdir)
     train(config, workdir)
+
+
+def cache_compilations(workdir: str) -> None:
+    """Keeps a run's compiled programs in `workdir/xla_cache` (JAX's persistent compilation cache), so that a
+    resumed or restarted run loads its step instead of compiling it again: minutes for a 2B model with unrolled
+    blocks on a GPU host. A cache directory already chosen (JAX_COMPILATION_CACHE_DIR) is left as it is."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "xla_cache"))

@@ -183,9 +183,10 @@ def _metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_sigterm_then_resume_is_exact(tmp_path):
+def test_sigterm_then_resume_is_exact_and_compiles_nothing_again(tmp_path):
     steps = 24
     env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "JAX_PLATFORMS": "cpu"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # each run keeps its compilations in its workdir
     subprocess.run(_train_command(tmp_path / "straight", steps), check=True, env=env, capture_output=True)
     run = subprocess.Popen(_train_command(tmp_path / "stopped", steps), env=env, stderr=subprocess.PIPE)
     while not os.path.exists(tmp_path / "stopped" / "metrics.jsonl") or len(_metrics(tmp_path / "stopped")) < 3:
@@ -196,7 +197,11 @@ def test_sigterm_then_resume_is_exact(tmp_path):
     stopped_at = _metrics(tmp_path / "stopped")[-1]["step"]
     assert 3 <= stopped_at < steps, "the run finished before SIGTERM arrived; nothing was tested"
     assert sorted(os.listdir(tmp_path / "stopped" / "checkpoints")) == [str(stopped_at)]
+    compiled = set(os.listdir(tmp_path / "stopped" / "xla_cache"))
+    assert any(name.startswith("jit_train_step-") for name in compiled), compiled
     subprocess.run(_train_command(tmp_path / "stopped", steps), check=True, env=env, capture_output=True)
+    # The resumed run loaded every program it needed from the workdir's cache: it compiled nothing new.
+    assert set(os.listdir(tmp_path / "stopped" / "xla_cache")) == compiled
     straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "stopped")
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))
     assert [r["example_ids"] for r in resumed] == [r["example_ids"] for r in straight]
