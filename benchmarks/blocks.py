@@ -24,7 +24,7 @@ import numpy as np
 from common import median_seconds
 
 from infinity_jax import schedules
-from infinity_jax.models.transformer import Infinity, TransformerConfig
+from infinity_jax.models.transformer import Infinity, TransformerConfig, init_params
 
 
 def main(argv=None):
@@ -57,7 +57,9 @@ def main(argv=None):
     text = jnp.asarray(rng.standard_normal((b, 32, config.text_dim)), jnp.float32)
     mask = jnp.ones((b, 32), bool)
     bits = jnp.asarray(rng.integers(0, 2, (b, length, config.bits)), jnp.int32)
-    params = jax.jit(lambda key: model.init(key, inputs[:1], schedule, text[:1], mask[:1])["params"])(jax.random.key(0))
+    params = jax.jit(lambda key: init_params(config, key, inputs[:1], schedule, text=text[:1], text_mask=mask[:1]))(
+        jax.random.key(0)
+    )
 
     # The batch is an argument, not a closure: XLA would constant-fold the gathers over baked-in arrays for seconds.
     def loss(params, inputs, text, mask, bits):

@@ -23,7 +23,7 @@ from infinity_jax import generate as gen
 from infinity_jax import schedules
 from infinity_jax.flops import count_flops
 from infinity_jax.models.bsq_vae import TOKENIZERS
-from infinity_jax.models.transformer import Infinity, TransformerConfig
+from infinity_jax.models.transformer import TransformerConfig, init_params
 from infinity_jax.tokenizer import Tokenizer
 
 OFFICIAL_SECONDS = {"0.06M": "0.44–0.47", "0.25M": "1.14–1.17", "1M": "1.04–1.43"}  # REFERENCE §8.2, H100
@@ -96,7 +96,8 @@ def main(argv=None):
     text = jax.random.normal(jax.random.key(1), (args.batch, 32, config.text_dim))
     mask = jnp.ones((args.batch, 32), bool)
     init = jax.jit(
-        lambda: Infinity(config).init(
+        lambda: init_params(
+            config,
             jax.random.key(0),
             jnp.zeros((1, 0, config.bits)),
             schedules.Schedule(((1, 1),)),
@@ -104,7 +105,7 @@ def main(argv=None):
             text_mask=mask[:1, :2],
         )
     )
-    params = nn.unbox(init()["params"])
+    params = nn.unbox(init())
     if not args.as_trained:
         params, config = gen.for_inference(params, config)  # bf16 block weights
     if args.layer_weights:

@@ -130,6 +130,30 @@ def test_scanned_rematerialised_blocks_equal_the_loop():
     assert stacked_cache[0].shape == (TINY.depth, 2, SQUARE.num_tokens, TINY.num_heads, TINY.head_dim)
 
 
+def test_unrolled_init_is_the_scanned_twins_layers_cut_apart():
+    from infinity_jax.convert.transformer import unstack_blocks
+
+    cond, key = conditioning(TINY), jax.random.key(3)
+    inputs = jnp.zeros((2, SQUARE.num_tokens - 1, TINY.bits))
+    unrolled = transformer.init_params(TINY, key, inputs, SQUARE, **cond)
+    own = jax.eval_shape(lambda: Infinity(TINY).init(key, inputs, SQUARE, **cond)["params"])
+    # The unrolled module's own layout: the same tree, shapes and logical axis names (so the same shardings).
+    boxed = functools.partial(jax.tree_util.tree_leaves_with_path, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert [(p, x.value.shape, x.names) for p, x in boxed(own)] == [
+        (p, x.value.shape, x.names) for p, x in boxed(unrolled)
+    ]
+    scanned = transformer.init_params(dataclasses.replace(TINY, scan_blocks=True), key, inputs, SQUARE, **cond)
+    params = nn.unbox(unrolled)
+    for a, b in zip(
+        jax.tree.leaves(params), jax.tree.leaves(unstack_blocks(nn.unbox(scanned), TINY.depth)), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    blocks = params["blocks"]
+    assert not np.allclose(blocks["block_0"]["ffn"]["fc1"]["kernel"], blocks["block_1"]["ffn"]["fc1"]["kernel"])
+    logits = Infinity(TINY).apply({"params": params}, inputs, SQUARE, **cond)
+    assert logits.shape == (2, SQUARE.num_tokens, TINY.bits, 2) and bool(jnp.isfinite(logits).all())
+
+
 @pytest.mark.skipif(jax.default_backend() not in ("gpu", "cuda"), reason="cuDNN attention needs an NVIDIA GPU")
 def test_cudnn_generation_reads_each_layer_cache_whole():
     """With unrolled blocks, cuDNN attends over a layer's whole cache bounded by key lengths, where XLA's kernel

@@ -25,7 +25,7 @@ from flax import struct
 
 from infinity_jax import quantizer
 from infinity_jax.models.t5 import T5Config, T5Encoder
-from infinity_jax.models.transformer import Infinity, TransformerConfig
+from infinity_jax.models.transformer import Infinity, TransformerConfig, init_params
 from infinity_jax.schedules import Schedule
 from infinity_jax.tokenizer import Tokenizer
 from infinity_jax.train import losses
@@ -77,7 +77,7 @@ def init_state(step_config: StepConfig, optimizer: optax.GradientTransformation,
         cond = {"text": jnp.zeros((batch, 1, c.text_dim)), "text_mask": jnp.ones((batch, 1), bool)}
     else:
         cond = {"labels": jnp.zeros((batch,), jnp.int32)}
-    params = Infinity(c).init(key, inputs, schedule, **cond)["params"]
+    params = init_params(c, key, inputs, schedule, **cond)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
