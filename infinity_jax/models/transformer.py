@@ -571,7 +571,7 @@ def init_params(config: TransformerConfig, key: jax.Array, inputs: jax.Array, sc
     stacked = params["blocks"]["layers"]
 
     def layer(leaf, i):
-        if isinstance(leaf, nn.LogicallyPartitioned):  # the scan's leading "layers" axis goes with the layer
+        if _boxed(leaf):  # the scan's leading "layers" axis goes with the layer
             return leaf.replace_boxed(leaf.value[i]).replace(names=leaf.names[1:])
         return leaf[i]
 
