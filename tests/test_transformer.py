@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 from jax.sharding import PartitionSpec as P
 
 from infinity_jax import quantizer, schedules, sharding
@@ -128,6 +129,29 @@ def test_scanned_rematerialised_blocks_equal_the_loop():
     per_layer, stacked_cache = transformer.init_cache(TINY, 2, SQUARE), transformer.init_cache(scanned, 2, SQUARE)
     assert len(per_layer) == TINY.depth and per_layer[0][0].shape == (2, 576, TINY.num_heads, TINY.head_dim)
     assert stacked_cache[0].shape == (TINY.depth, 2, SQUARE.num_tokens, TINY.num_heads, TINY.head_dim)
+
+
+def test_remat_policies_give_the_same_gradients_and_keep_what_they_name(capsys):
+    _, inputs = ground_truth(TINY, SQUARE)
+    cond, params = conditioning(TINY), random_params(TINY)
+
+    def loss_of(policy):
+        model = Infinity(dataclasses.replace(TINY, remat=policy))
+        return lambda p: jnp.sum(model.apply({"params": p}, inputs, SQUARE, **cond) ** 2)
+
+    reference = jax.jit(jax.grad(loss_of("none")))(params)
+    for policy in transformer.REMAT_POLICIES[1:]:
+        grads = jax.jit(jax.grad(loss_of(policy)))(params)
+        jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), grads, reference)
+
+    def saved_gelu(policy):
+        capsys.readouterr()
+        print_saved_residuals(loss_of(policy), params)
+        return [line.split()[0] for line in capsys.readouterr().out.splitlines() if repr(layers.GELU_NAME) in line]
+
+    # Each block's [B, L, ffn_dim] GELU output is kept by the policy that names it, and only by that one.
+    assert saved_gelu("dots_and_gelu_saveable") == [f"f32[2,{SQUARE.num_tokens},{TINY.ffn_dim}]"] * TINY.depth
+    assert saved_gelu("dots_saveable") == []
 
 
 def test_unrolled_init_is_the_scanned_twins_layers_cut_apart():

@@ -17,6 +17,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from infinity_jax.ops.attention import attention, prefix_attention
 from infinity_jax.ops.layer_matmul import LayerKernel
@@ -24,6 +25,7 @@ from infinity_jax.ops.rope import normalized_rope
 from infinity_jax.ops.splash import block_causal_attention
 
 LN_EPS = 1e-6
+GELU_NAME = "ffn_gelu"  # the FFN's GELU output, for remat policies that keep it by name
 MAX_LOG_SCALE = math.log(100.0)  # the cap on cos-attention's learned per-head scale
 
 
@@ -370,7 +372,7 @@ class FFN(nn.Module):
     def __call__(self, x):
         c = x.shape[-1]
         h = dense(self.hidden, ("embed", "mlp"), std=self.std, dtype=self.dtype, name="fc1")(x)
-        h = constrain(nn.gelu(h, approximate=True), "act_batch", "act_len", "act_mlp")
+        h = checkpoint_name(constrain(nn.gelu(h, approximate=True), "act_batch", "act_len", "act_mlp"), GELU_NAME)
         return dense(c, ("mlp", "embed"), std=self.proj_std, dtype=self.dtype, name="fc2")(h)
 
 

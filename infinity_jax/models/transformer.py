@@ -30,6 +30,7 @@ from flax import struct
 from infinity_jax.models import sizes
 from infinity_jax.models.layers import (
     FFN,
+    GELU_NAME,
     AffineLayerNorm,
     CrossAttention,
     RMSNorm,
@@ -50,7 +51,13 @@ from infinity_jax.schedules import Schedule, var_schedule
 # Splash attention (the TPU kernel, or the same kernel interpreted on CPU for tests) serves the training mask;
 # generation and cross-attention then use XLA's kernel.
 ATTENTIONS = (*IMPLEMENTATIONS, "splash", "splash_interpret")
-REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+REMAT_POLICIES = (
+    "none",
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "dots_and_gelu_saveable",
+)
 LAYER_WEIGHTS = ("slice", "in_place", "in_place_interpret")
 # Special initialisation of the released training recipe (REFERENCE §3.8): AdaLN gates ×5e-6, AdaLN
 # scale/shift ×1e-3, head ×0.02, residual output projections ×1/√(2·depth).
@@ -277,6 +284,17 @@ class Block(nn.Module):
         return (x, cache), None
 
 
+def remat_policy(name: str):
+    """The `jax.checkpoint_policies` policy of a `REMAT_POLICIES` name. "dots_and_gelu_saveable" also keeps the FFN's
+    GELU output (`layers.GELU_NAME`, [B, L, 4C] per block): the backward needs it for fc2's weight gradient, and
+    under `dots_saveable` it is computed again, which at the 2B layout writes more bytes than any other kernel of
+    the recompute."""
+    policies = jax.checkpoint_policies
+    if name == "dots_and_gelu_saveable":
+        return policies.save_from_both_policies(policies.dots_saveable, policies.save_only_these_names(GELU_NAME))
+    return getattr(policies, name)
+
+
 class BlockStack(nn.Module):
     """`depth` blocks: a Python loop (parameters block_0 … block_{n−1}) or one `nn.scan` (stacked under "layers")."""
 
@@ -289,7 +307,7 @@ class BlockStack(nn.Module):
         c = self.config
         block = Block
         if c.remat != "none":
-            block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, c.remat), prevent_cse=not c.scan_blocks)
+            block = nn.remat(Block, policy=remat_policy(c.remat), prevent_cse=not c.scan_blocks)
         rates = jnp.linspace(0.0, c.drop_path, c.depth)  # stochastic depth grows with depth
         attrs = dict(start=start, deterministic=deterministic, cfg_layer=cfg_layer)
         if c.scan_blocks and cache is not None and c.layer_weights != "slice" and not self.is_initializing():
