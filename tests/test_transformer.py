@@ -197,8 +197,8 @@ def test_cudnn_generation_reads_each_layer_cache_whole():
 @pytest.mark.skipif(jax.default_backend() not in ("gpu", "cuda"), reason="cuDNN attention needs an NVIDIA GPU")
 def test_cudnn_training_gradients_match_xla():
     """Training with cuDNN: block-causal attention by key prefix (odd prefixes padded for the variable-length call)
-    and cross-attention whose queries run padded through the q and output projections. Logits and gradients must
-    agree with XLA's attention up to bf16 rounding."""
+    and cross-attention over padded captions. Logits and gradients must agree with XLA's attention up to bf16
+    rounding."""
     config = dataclasses.replace(TINY, dtype="bfloat16")
     _, inputs = ground_truth(TINY, SQUARE)
     cond, params = conditioning(TINY), random_params(TINY)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from infinity_jax.ops.attention import CUDNN_BLOCK, attention, prefix_attention
+from infinity_jax.ops.attention import attention, prefix_attention
 from infinity_jax.ops.layer_matmul import LayerKernel
 from infinity_jax.ops.rope import normalized_rope
 from infinity_jax.ops.splash import block_causal_attention
@@ -320,13 +320,6 @@ class CrossAttention(_Attention):
         lengths[b] of the T tokens; memory_kv: `project_memory(memory)` computed beforehand (its T may be padded
         further), or None -> [B, n, C]."""
         kv = self.project_memory(memory) if memory_kv is None else memory_kv
-        n = x.shape[1]
-        pad = (-n) % CUDNN_BLOCK if self.kernel == "cudnn" else 0
-        # cuDNN's variable-length call takes whole tiles of queries. Each token attends on its own, so the padding
-        # rows can run through the query and output projections: the norm's fusion writes x padded and the
-        # residual add reads the output's first n rows, for ~2 % more rows in two gemms, instead of a copy of the
-        # queries and of the output (and of their gradients) per block.
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
         # cuDNN's partitioner takes only queries, keys and values sharded alike; left to propagation, a large
         # model's queries and the caption's keys can come out sharded differently (8B at 1024² on 2 GPUs did).
         q, k, v = (
@@ -340,7 +333,7 @@ class CrossAttention(_Attention):
             kv_lengths=lengths,
             implementation=self.kernel,
         )
-        return self.proj(out)[:, :n]
+        return self.proj(out)
 
 
 class TextPool(nn.Module):
