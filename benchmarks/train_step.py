@@ -3,6 +3,7 @@ REFERENCE §8.2 (official, H100: 2B at 256² batch 16 11.7k tokens/s, at 512² b
 
     python benchmarks/train_step.py --results benchmarks/RESULTS.md
     python benchmarks/train_step.py --cells 0.06M:16 --attention xla,cudnn --remat nothing_saveable,dots_saveable
+    python benchmarks/train_step.py --cells 0.25M:8 --blocks unrolled --remat dots_saveable+4  # last 4 blocks: none
     python benchmarks/train_step.py --cells 0.06M:16 --devices 1,2,4 --parallel fsdp   # scaling over GPUs
 
 The step is the trainer's (`train.trainer.build` / `jit_step`): the frozen d32 tokenizer encodes uint8 images and
@@ -50,7 +51,8 @@ def make_config(size, resolution, batch, attention, remat, text_len, tokenizer_j
     config.tokenizer.checkpoint = config.text.checkpoint = "random"
     config.text.tokenizer = tokenizer_json
     config.text.max_length = text_len
-    config.model.attention, config.model.remat = attention, remat
+    remat, _, free = remat.partition("+")  # "dots_saveable+4": the last 4 unrolled blocks are not rematerialised
+    config.model.attention, config.model.remat, config.model.remat_free = attention, remat, int(free or 0)
     config.train.num_steps = 1000
     return config
 

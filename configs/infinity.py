@@ -59,6 +59,7 @@ def get_config(arg=None):
     config.model.dtype = "float32" if tiny else "bfloat16"
     config.model.scan_blocks = not tiny
     config.model.remat = "none" if tiny else "nothing_saveable"
+    config.model.remat_free = 0  # unrolled blocks only: the last N blocks are not rematerialised
     config.model.attention = "xla"
     if arg.cond == "text":
         config.text = config_lib.text_config(arg.t5)

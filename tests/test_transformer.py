@@ -135,23 +135,27 @@ def test_remat_policies_give_the_same_gradients_and_keep_what_they_name(capsys):
     _, inputs = ground_truth(TINY, SQUARE)
     cond, params = conditioning(TINY), random_params(TINY)
 
-    def loss_of(policy):
-        model = Infinity(dataclasses.replace(TINY, remat=policy))
+    def loss_of(policy, free=0):
+        model = Infinity(dataclasses.replace(TINY, remat=policy, remat_free=free))
         return lambda p: jnp.sum(model.apply({"params": p}, inputs, SQUARE, **cond) ** 2)
 
     reference = jax.jit(jax.grad(loss_of("none")))(params)
-    for policy in transformer.REMAT_POLICIES[1:]:
-        grads = jax.jit(jax.grad(loss_of(policy)))(params)
+    for policy, free in [(p, 0) for p in transformer.REMAT_POLICIES[1:]] + [("nothing_saveable", 1)]:
+        grads = jax.jit(jax.grad(loss_of(policy, free)))(params)
         jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), grads, reference)
 
     def saved_gelu(policy):
         capsys.readouterr()
-        print_saved_residuals(loss_of(policy), params)
+        print_saved_residuals(loss_of(*policy) if isinstance(policy, tuple) else loss_of(policy), params)
         return [line.split()[0] for line in capsys.readouterr().out.splitlines() if repr(layers.GELU_NAME) in line]
 
     # Each block's [B, L, ffn_dim] GELU output is kept by the policy that names it, and only by that one.
     assert saved_gelu("dots_and_gelu_saveable") == [f"f32[2,{SQUARE.num_tokens},{TINY.ffn_dim}]"] * TINY.depth
     assert saved_gelu("dots_saveable") == []
+    # A block left out of the remat keeps everything, its GELU output included.
+    assert saved_gelu("nothing_saveable") == [] and len(saved_gelu(("nothing_saveable", 1))) == 1
+    with pytest.raises(ValueError, match="remat_free=1 needs unrolled blocks"):
+        dataclasses.replace(TINY, scan_blocks=True, remat="dots_saveable", remat_free=1)
 
 
 def test_unrolled_init_is_the_scanned_twins_layers_cut_apart():

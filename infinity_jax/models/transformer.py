@@ -73,6 +73,8 @@ class TransformerConfig:
     dtype: compute dtype of the blocks ("float32" or "bfloat16"); parameters are float32.
     scan_blocks / remat: run the blocks as one `nn.scan` (parameters stacked on a "layers" axis) and
       rematerialise each block with a `jax.checkpoint_policies` policy ("none" keeps activations).
+    remat_free: with unrolled blocks, the last `remat_free` blocks keep all their activations: memory left over
+      by the policy buys back those blocks' recomputation.
     attention: "xla" or "cudnn" kernel, or "splash" (TPU; "splash_interpret" on CPU) for the training mask.
     positions: "rope" (Infinity's 2D RoPE in self-attention) or "absolute" (VAR: a learned [num_positions, C]
       table added to the tokens, for schedules of at most num_positions tokens).
@@ -99,6 +101,7 @@ class TransformerConfig:
     dtype: str = "float32"
     scan_blocks: bool = False
     remat: str = "none"
+    remat_free: int = 0
     attention: str = "xla"
     positions: str = "rope"
     num_positions: int = 0
@@ -120,6 +123,11 @@ class TransformerConfig:
             raise ValueError(f"vocab must be 0 (bitwise head) or a codebook size, got {self.vocab}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
+        if not 0 <= self.remat_free <= self.depth or (self.remat_free and (self.scan_blocks or self.remat == "none")):
+            raise ValueError(
+                f"remat_free={self.remat_free} needs unrolled blocks (scan_blocks=False), a remat policy and at most "
+                f"depth={self.depth} blocks; got scan_blocks={self.scan_blocks}, remat={self.remat!r}"
+            )
         if self.layer_weights not in LAYER_WEIGHTS:
             raise ValueError(f"unknown layer_weights {self.layer_weights!r}; valid: {', '.join(LAYER_WEIGHTS)}")
         if self.layer_weights != "slice" and not (self.scan_blocks and self.dtype == "bfloat16"):
@@ -326,7 +334,8 @@ class BlockStack(nn.Module):
         layer_caches = []
         for i in range(c.depth):
             layer_cache = None if cache is None else cache[i]
-            (x, layer_cache), _ = block(c, **attrs, name=f"block_{i}")((x, layer_cache), ctx, (jnp.int32(i), rates[i]))
+            kind = Block if i >= c.depth - c.remat_free else block
+            (x, layer_cache), _ = kind(c, **attrs, name=f"block_{i}")((x, layer_cache), ctx, (jnp.int32(i), rates[i]))
             layer_caches.append(layer_cache)
         return x, None if cache is None else tuple(layer_caches)
 

@@ -34,7 +34,7 @@ def transformer_config(config: ml_collections.ConfigDict) -> TransformerConfig:
     if m.family != "infinity":
         raise ValueError(f"training the {m.family} family is not supported yet (its VQ-VAE tokenizer is missing)")
     fields = ("depth", "embed_dim", "num_heads", "ffn_dim", "bits", "cond", "shared_aln", "drop_path", "text_dim",
-              "text_maxlen", "num_classes", "dtype", "scan_blocks", "remat", "attention")  # fmt: skip
+              "text_maxlen", "num_classes", "dtype", "scan_blocks", "remat", "remat_free", "attention")  # fmt: skip
     return TransformerConfig(**{f: m[f] for f in fields if f in m})
 
 
