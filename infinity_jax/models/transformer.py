@@ -123,10 +123,11 @@ class TransformerConfig:
             raise ValueError(f"vocab must be 0 (bitwise head) or a codebook size, got {self.vocab}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
-        if not 0 <= self.remat_free <= self.depth or (self.remat_free and (self.scan_blocks or self.remat == "none")):
+        # (With remat "none" there is nothing to leave out: inference copies of a training config keep the field.)
+        if not 0 <= self.remat_free <= self.depth or (self.remat_free and self.scan_blocks and self.remat != "none"):
             raise ValueError(
-                f"remat_free={self.remat_free} needs unrolled blocks (scan_blocks=False), a remat policy and at most "
-                f"depth={self.depth} blocks; got scan_blocks={self.scan_blocks}, remat={self.remat!r}"
+                f"remat_free={self.remat_free} needs unrolled blocks (scan_blocks=False) and at most depth="
+                f"{self.depth} blocks; got scan_blocks={self.scan_blocks}, remat={self.remat!r}"
             )
         if self.layer_weights not in LAYER_WEIGHTS:
             raise ValueError(f"unknown layer_weights {self.layer_weights!r}; valid: {', '.join(LAYER_WEIGHTS)}")
@@ -593,7 +594,7 @@ def init_params(config: TransformerConfig, key: jax.Array, inputs: jax.Array, sc
     """
     if config.scan_blocks:
         return Infinity(config).init(key, inputs, schedule, **cond)["params"]
-    twin = dataclasses.replace(config, scan_blocks=True)
+    twin = dataclasses.replace(config, scan_blocks=True, remat_free=0)
     params = Infinity(twin).init(key, inputs, schedule, **cond)["params"]
     stacked = params["blocks"]["layers"]
 
