@@ -64,18 +64,36 @@ def prefix_attention(
             f"got {query.shape[1]} and {key.shape[1]}"
         )
     offsets, mask = schedule.offsets, block_causal_mask(schedule)
+    padded_length = _round_up(key.shape[1], CUDNN_BLOCK)
+    if implementation == "cudnn":
+        pad = ((0, 0), (0, padded_length - key.shape[1]), (0, 0), (0, 0))
+        padded_key, padded_value = jnp.pad(key, pad), jnp.pad(value, pad)
     outputs = []
     for a, b in scale_groups(schedule):
         start, end = offsets[a], offsets[b]
-        group_mask = jnp.asarray(mask[start:end, :end])[None, None] if b - a > 1 else None
-        kv_lengths = None
-        if implementation == "cudnn" and group_mask is None and ((end - start) % 2 or end % 2):
+        queries = query[:, start:end]
+        if b - a > 1:
+            group_mask = jnp.asarray(mask[start:end, :end])[None, None]
+            out = attention(
+                queries, key[:, :end], value[:, :end], scale=scale, mask=group_mask, implementation=implementation
+            )
+        elif implementation == "cudnn" and 2 * _round_up(end, CUDNN_BLOCK) >= padded_length:
+            # A long prefix reads the whole padded keys and values, bounded by a key length: its own padded copy
+            # (made again in a rematerialised backward) would cost more than the gradient's zero tail.
+            lengths = jnp.full(query.shape[:1], end, jnp.int32)
+            keys, values = _gradient_before(padded_key, end), _gradient_before(padded_value, end)
+            out = attention(queries, keys, values, scale=scale, kv_lengths=lengths, implementation="cudnn")
+        else:
             # cuDNN's backward rejects odd lengths; its variable-length call pads them instead.
-            kv_lengths = jnp.full(query.shape[:1], end, jnp.int32)
-        group = (query[:, start:end], key[:, :end], value[:, :end])
-        outputs.append(
-            attention(*group, scale=scale, mask=group_mask, kv_lengths=kv_lengths, implementation=implementation)
-        )
+            lengths = (
+                jnp.full(query.shape[:1], end, jnp.int32)
+                if implementation == "cudnn" and (end - start) % 2 + end % 2
+                else None
+            )
+            out = attention(
+                queries, key[:, :end], value[:, :end], scale=scale, kv_lengths=lengths, implementation=implementation
+            )
+        outputs.append(out)
     return jnp.concatenate(outputs, axis=1)
 
 
@@ -116,6 +134,28 @@ def attention(
         query, key, value, mask=mask, scale=scale, key_value_seq_lengths=kv_lengths, implementation=implementation
     )
     return out[:, :length]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gradient_before(x: jax.Array, length: int) -> jax.Array:
+    """x: [B, S, H, D] unchanged; its gradient is zero from position `length` on. cuDNN does not promise zeros in
+    the key/value gradient rows past the key length, and there they would land on other groups' real keys."""
+    return x
+
+
+def _gradient_before_fwd(x, length):
+    return x, None
+
+
+def _gradient_before_bwd(length, _, grad):
+    return (jnp.where((jnp.arange(grad.shape[1]) < length)[None, :, None, None], grad, 0),)
+
+
+_gradient_before.defvjp(_gradient_before_fwd, _gradient_before_bwd)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _pad(query, key, value, mask, multiple: int):
