@@ -16,6 +16,7 @@ from infinity_jax.generate import for_inference, generate, sample_bits
 from infinity_jax.models import layers, sizes, transformer
 from infinity_jax.models.bsq_vae import TokenizerConfig
 from infinity_jax.models.transformer import Infinity, TransformerConfig
+from infinity_jax.ops import attention as attention_ops
 from infinity_jax.tokenizer import Tokenizer
 
 TINY = TransformerConfig(depth=2, embed_dim=64, num_heads=2, ffn_dim=256, bits=8, text_dim=256, text_maxlen=16)
@@ -199,25 +200,34 @@ def test_cudnn_generation_reads_each_layer_cache_whole():
 
 
 @pytest.mark.skipif(jax.default_backend() not in ("gpu", "cuda"), reason="cuDNN attention needs an NVIDIA GPU")
-def test_cudnn_training_gradients_match_xla():
-    """Training with cuDNN: block-causal attention by key prefix (odd prefixes padded for the variable-length call)
-    and cross-attention over padded captions. Logits and gradients must agree with XLA's attention up to bf16
-    rounding."""
+@pytest.mark.parametrize("remat", ["none", "dots_saveable"])
+def test_cudnn_training_gradients_match_xla(remat, capsys):
+    """Training with cuDNN: block-causal attention by key prefix (short prefixes copied and padded, long ones read
+    in place bounded by key lengths) and cross-attention over padded captions. Logits and gradients must agree
+    with XLA's attention (no remat) up to bf16 rounding; under a dots policy the backward reuses every cuDNN
+    attention's output and softmax statistics instead of running the kernel again."""
     config = dataclasses.replace(TINY, dtype="bfloat16")
     _, inputs = ground_truth(TINY, SQUARE)
     cond, params = conditioning(TINY), random_params(TINY)
 
-    def run(attention):
-        model = Infinity(dataclasses.replace(config, attention=attention))
-        loss = lambda p: jnp.sum(model.apply({"params": p}, inputs, SQUARE, **cond).astype(jnp.float32) ** 2)  # noqa: E731
-        return jax.jit(jax.value_and_grad(loss))(params)
+    def loss_of(attention, policy):
+        model = Infinity(dataclasses.replace(config, attention=attention, remat=policy))
+        return lambda p: jnp.sum(model.apply({"params": p}, inputs, SQUARE, **cond).astype(jnp.float32) ** 2)
 
-    (xla_loss, xla_grads), (cudnn_loss, cudnn_grads) = run("xla"), run("cudnn")
+    (xla_loss, xla_grads) = jax.jit(jax.value_and_grad(loss_of("xla", "none")))(params)
+    (cudnn_loss, cudnn_grads) = jax.jit(jax.value_and_grad(loss_of("cudnn", remat)))(params)
     np.testing.assert_allclose(float(cudnn_loss), float(xla_loss), rtol=2e-2)
     pairs = zip(jax.tree_util.tree_leaves_with_path(xla_grads), jax.tree.leaves(cudnn_grads), strict=True)
     for (path, a), b in pairs:
         bound = 5e-2 * float(jnp.abs(a).max()) + 1e-6
         np.testing.assert_allclose(np.float32(b), np.float32(a), atol=bound, err_msg=jax.tree_util.keystr(path))
+    if remat != "none":
+        capsys.readouterr()
+        print_saved_residuals(loss_of("cudnn", remat), params)
+        saved = [line for line in capsys.readouterr().out.splitlines() if "dot_product_attention_fwd" in line]
+        # Per block: one self-attention call per scale group and one cross-attention call, two outputs each.
+        calls = len(attention_ops.scale_groups(SQUARE)) + 1
+        assert len(saved) == 2 * calls * TINY.depth, saved
 
 
 def test_inference_layout_casts_only_the_blocks():

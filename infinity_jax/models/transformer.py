@@ -294,14 +294,28 @@ class Block(nn.Module):
 
 
 def remat_policy(name: str):
-    """The `jax.checkpoint_policies` policy of a `REMAT_POLICIES` name. "dots_and_gelu_saveable" also keeps the FFN's
-    GELU output (`layers.GELU_NAME`, [B, L, 4C] per block): the backward needs it for fc2's weight gradient, and
-    under `dots_saveable` it is computed again, which at the 2B layout writes more bytes than any other kernel of
-    the recompute."""
+    """The `jax.checkpoint_policies` policy of a `REMAT_POLICIES` name.
+
+    The dots policies also keep cuDNN's fused attention outputs (the attention and its softmax statistics): with
+    XLA's attention they keep its products, being dot_generals, but cuDNN's kernel is one primitive that JAX's
+    policies do not know, so the backward ran the attention forward again (~19 ms per 512² batch-8 step of the 2B
+    layout) to save ~5 GiB. "dots_and_gelu_saveable" also keeps the FFN's GELU output (`layers.GELU_NAME`,
+    [B, L, 4C] per block): the backward needs it for fc2's weight gradient, and under `dots_saveable` it is
+    computed again, which at the 2B layout writes more bytes than any other kernel of the recompute.
+    """
     policies = jax.checkpoint_policies
     if name == "dots_and_gelu_saveable":
-        return policies.save_from_both_policies(policies.dots_saveable, policies.save_only_these_names(GELU_NAME))
-    return getattr(policies, name)
+        dots = policies.save_from_both_policies(policies.dots_saveable, policies.save_only_these_names(GELU_NAME))
+    elif name in ("dots_saveable", "dots_with_no_batch_dims_saveable"):
+        dots = getattr(policies, name)
+    else:
+        return getattr(policies, name)
+    return policies.save_from_both_policies(dots, _fused_attention_saveable)
+
+
+def _fused_attention_saveable(prim, *_, **__) -> bool:
+    # jax.nn.dot_product_attention(implementation="cudnn") binds "dot_product_attention_fwd_wrapper".
+    return prim.name.startswith("dot_product_attention_fwd")
 
 
 class BlockStack(nn.Module):
