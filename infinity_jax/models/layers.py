@@ -162,18 +162,21 @@ class Dense(nn.Module):
         shape = (*x.shape[x.ndim - self.in_dims :], *self.features)
         init = self.kernel_init or normal(self.std)
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape)
+        # The output axes are one flat axis until the end, so that the bias is a vector along a matrix product's
+        # columns: XLA then adds it in the gemm's epilogue, where a [heads, head_dim] bias was broadcast to the
+        # output's full shape first and read back as the gemm's C matrix (one more kernel and write per call).
         if isinstance(kernel, LayerKernel):  # generation over stacked weights read in place (`BlockStack`)
             y = kernel.matmul(x.astype(kernel.dtype), self.in_dims)
+            y = y.reshape(*y.shape[: y.ndim - len(self.features)], -1)
         else:
             contract = tuple(range(x.ndim - self.in_dims, x.ndim))
-            y = jax.lax.dot_general(
-                x.astype(self.dtype), kernel.astype(self.dtype), ((contract, tuple(range(self.in_dims))), ((), ()))
-            )
+            flat = kernel.reshape(*kernel.shape[: self.in_dims], -1).astype(self.dtype)
+            y = jax.lax.dot_general(x.astype(self.dtype), flat, ((contract, tuple(range(self.in_dims))), ((), ())))
         if self.use_bias:
             bias_axes = self.axes[self.in_dims :]
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_axes), self.features)
-            y = bias_add(y, bias.astype(self.dtype))
-        return y
+            y = bias_add(y, bias.reshape(-1).astype(self.dtype))
+        return y.reshape(*y.shape[:-1], *self.features)
 
 
 def dense(features, axes, *, std, name, in_dims=1, use_bias=True, dtype=jnp.float32, kernel_init=None):
