@@ -298,8 +298,8 @@ def remat_policy(name: str):
 
     The dots policies also keep cuDNN's fused attention outputs (the attention and its softmax statistics): with
     XLA's attention they keep its products, being dot_generals, but cuDNN's kernel is one primitive that JAX's
-    policies do not know, so the backward ran the attention forward again (~19 ms per 512² batch-8 step of the 2B
-    layout) to save ~5 GiB. "dots_and_gelu_saveable" also keeps the FFN's GELU output (`layers.GELU_NAME`,
+    policies do not know, so the backward ran the attention forward again (~8.6 TFLOP per 512² batch-8 step of the
+    2B layout) to save ~5 GiB. "dots_and_gelu_saveable" also keeps the FFN's GELU output (`layers.GELU_NAME`,
     [B, L, 4C] per block): the backward needs it for fc2's weight gradient, and under `dots_saveable` it is
     computed again, which at the 2B layout writes more bytes than any other kernel of the recompute.
     """

@@ -71,29 +71,22 @@ def prefix_attention(
     outputs = []
     for a, b in scale_groups(schedule):
         start, end = offsets[a], offsets[b]
-        queries = query[:, start:end]
-        if b - a > 1:
-            group_mask = jnp.asarray(mask[start:end, :end])[None, None]
-            out = attention(
-                queries, key[:, :end], value[:, :end], scale=scale, mask=group_mask, implementation=implementation
-            )
-        elif implementation == "cudnn" and 2 * _round_up(end, CUDNN_BLOCK) >= padded_length:
-            # A long prefix reads the whole padded keys and values, bounded by a key length: its own padded copy
-            # (made again in a rematerialised backward) would cost more than the gradient's zero tail.
-            lengths = jnp.full(query.shape[:1], end, jnp.int32)
+        group_mask = jnp.asarray(mask[start:end, :end])[None, None] if b - a > 1 else None
+        # With cuDNN a long prefix reads the whole padded keys and values, bounded by a key length: its own padded
+        # copy (made again in a rematerialised backward) would cost more than the gradient's zero tail.
+        in_place = implementation == "cudnn" and group_mask is None and 2 * _round_up(end, CUDNN_BLOCK) >= padded_length
+        if in_place:
             keys, values = _gradient_before(padded_key, end), _gradient_before(padded_value, end)
-            out = attention(queries, keys, values, scale=scale, kv_lengths=lengths, implementation="cudnn")
         else:
+            keys, values = key[:, :end], value[:, :end]
+        lengths = None
+        if implementation == "cudnn" and group_mask is None and (in_place or (end - start) % 2 or end % 2):
             # cuDNN's backward rejects odd lengths; its variable-length call pads them instead.
-            lengths = (
-                jnp.full(query.shape[:1], end, jnp.int32)
-                if implementation == "cudnn" and (end - start) % 2 + end % 2
-                else None
-            )
-            out = attention(
-                queries, key[:, :end], value[:, :end], scale=scale, kv_lengths=lengths, implementation=implementation
-            )
-        outputs.append(out)
+            lengths = jnp.full(query.shape[:1], end, jnp.int32)
+        outputs.append(
+            attention(query[:, start:end], keys, values, scale=scale, mask=group_mask, kv_lengths=lengths,
+                      implementation=implementation)
+        )  # fmt: skip
     return jnp.concatenate(outputs, axis=1)
 
 
