@@ -222,7 +222,7 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
                        batch: int = 1, text_tokens: int = 32):  # fmt: skip
     """Lowers and compiles one guided generation (all scales, then the tokenizer's decode) for `devices`, with the
     transformer's parameters sharded by the config's rules. Returns (compiled, Report)."""
-    from infinity_jax.generate import Static, _generate, for_inference
+    from infinity_jax.generate import Static, _generate, _one_device, for_inference
     from infinity_jax.models.transformer import Infinity
 
     mesh = slice_mesh(config, devices, mesh_sizes)
@@ -232,7 +232,7 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
     schedule = schedules.infinity_schedule(template, config.schedule.resolution)
     frozen = frozen_towers.abstract(config, mesh, setup.step_config)
     static = Static(model_config, schedule, batch, guided=True, known=False, return_logits=False,
-                    patchify=config.tokenizer.patchify)  # fmt: skip
+                    patchify=config.tokenizer.patchify, uninitialized_cache=_one_device(params) is not None)  # fmt: skip
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
 
     def spec(shape, dtype):

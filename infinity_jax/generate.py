@@ -59,6 +59,7 @@ class Static:
     patchify: bool = False
     progress: bool = False  # report each finished scale to the `on_scale` callbacks (from inside the compiled loop)
     targets: bool = False  # requantize a target latent's residual at every scale (`Generation.labels`)
+    uninitialized_cache: bool = False  # `init_cache(uninitialized=True)`: for parameters on one device
 
 
 _SCALE_CALLBACKS: list[Callable[[int], None]] = []
@@ -127,7 +128,7 @@ def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p
     if condition.memory is not None:
         memory_kv = MemoryKV(c).apply({"params": params["blocks"]}, condition.memory)
         condition = condition.replace(memory_kv=memory_kv)
-    cache = init_cache(c, condition.cond.shape[0], schedule)
+    cache = init_cache(c, condition.cond.shape[0], schedule, static.uninitialized_cache)
     x = apply(condition.cond, method=Infinity.sos)
     vae_schedule = schedule.upsampled(2) if static.patchify else schedule
     latent = 0.0
@@ -200,12 +201,21 @@ def _cast(x, dtype):
 def _in_place_pays(blocks) -> bool:
     """Whether the blocks' weights lie on one Hopper GPU (compute capability 9.x): where `ops.layer_matmul` was
     measured and its tiles fit (their shared memory exceeds an A100's), and where XLA need not partition it."""
-    devices = {d for x in jax.tree.leaves(blocks) for d in x.sharding.device_set}
-    if len(devices) != 1:
-        return False
-    (device,) = devices
+    device = _one_device(blocks)
     capability = getattr(device, "compute_capability", None)  # CUDA devices only, e.g. "9.0"
-    return device.platform in ("gpu", "cuda") and capability is not None and capability.split(".")[0] == "9"
+    return (
+        device is not None
+        and device.platform in ("gpu", "cuda")
+        and capability is not None
+        and capability.split(".")[0] == "9"
+    )
+
+
+def _one_device(tree):
+    """The device that holds every array of `tree` (arrays or `jax.ShapeDtypeStruct`s with a sharding), or None."""
+    shardings = (getattr(x, "sharding", None) for x in jax.tree.leaves(tree))
+    devices = {d for sharding in shardings if sharding is not None for d in sharding.device_set}
+    return next(iter(devices)) if len(devices) == 1 else None
 
 
 @functools.cache
@@ -213,11 +223,12 @@ def _compiled(static: Static):
     return jax.jit(functools.partial(_generate, static=static))
 
 
-def per_scale(name: str, value, num_scales: int) -> jax.Array:
+def per_scale(name: str, value, num_scales: int) -> np.ndarray:
+    """[num_scales] float32 on the host: jit moves it with the other arguments, not as a transfer of its own."""
     values = np.atleast_1d(np.asarray(value, np.float32))
     if values.ndim != 1 or values.size not in (1, num_scales):
         raise ValueError(f"{name} must be a number or a list of {num_scales} values (one per scale), got {value!r}")
-    return jnp.asarray(np.broadcast_to(values, (num_scales,)))
+    return np.array(np.broadcast_to(values, (num_scales,)))
 
 
 def generate(
@@ -292,7 +303,7 @@ def generate(
         text = jnp.concatenate([_pad_to(text, length), _pad_to(negative_text, length)])
         text_mask = jnp.concatenate([_pad_to(text_mask, length), _pad_to(negative_mask, length)])
     elif guided:  # the unconditional half: the learned empty caption (same lengths) or the null class
-        drop = jnp.arange(2 * batch) >= batch
+        drop = np.arange(2 * batch) >= batch
         if text is not None:
             text, text_mask = jnp.concatenate([text, text]), jnp.concatenate([text_mask, text_mask])
         else:
@@ -305,9 +316,9 @@ def generate(
             raise ValueError(f"target_latent must be [{batch}, {grid[0]}, {grid[1]}, d], got {target_latent.shape}")
     static = Static(
         config, schedule, batch, guided, known is not None, return_logits, cfg_layer if guided else 0, bool(patchify),
-        progress, target_latent is not None,
+        progress, target_latent is not None, _one_device(params) is not None,
     )  # fmt: skip
-    top_k, top_p = jnp.int32(top_k), jnp.float32(top_p)
+    top_k, top_p = np.int32(top_k), np.float32(top_p)
     return _compiled(static)(
         params, key, text, text_mask, labels, drop, cfg_values, tau_values, top_k, top_p, known, tokenizer,
         target_latent,

@@ -69,15 +69,18 @@ def test_bad_topology_and_mesh_names_are_clear_errors():
 
 
 def test_tokenizer_train_step_compiles_with_its_discriminator_and_lpips():
-    devices = _devices("v5e:2x2")
+    # Four GPUs rather than a TPU slice: XLA's TPU compiler took ~3× as long over LPIPS's VGG16 and its gradient
+    # (160 s). The GPU compiler reports no FLOPs, so the analytic count is not compared here (test_flops.py counts
+    # the tokenizer by hand).
+    devices = _devices("h100:4")
     config = load_config_file("configs/tokenizer.py:tokenizer=tiny,res=0.004M,batch=8")
     _, report = aot.compile_tokenizer_step(config, devices, aot.parse_mesh("data=1,fsdp=4"), 1.0)
     assert report.fits and report.schedule == "tokenizer 1.0@0.004M" and report.temp_bytes > 0
     # The frozen LPIPS-VGG16 (replicated, 59 MB in float32) is among each chip's arguments, beside the two networks
-    # and their Adam states (54 MB per chip without LPIPS).
+    # and their Adam states (38 MB per chip without LPIPS).
     lpips_bytes = sum(x.nbytes for x in jax.tree.leaves(perceptual.load_params()))
-    assert report.argument_bytes > lpips_bytes + 40e6
-    assert 0.5 < report.compiler_flops * report.chips / report.analytic_flops < 3.0
+    assert report.argument_bytes > lpips_bytes + 30e6
+    assert report.compiler_flops is None and report.analytic_flops > 0
     names = [name for name, _, _ in report.largest]
     assert all(name.startswith(("generator/", "discriminator/")) for name in names)
 

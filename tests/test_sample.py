@@ -57,9 +57,11 @@ def test_text_to_image_files_sizes_and_determinism(ckpt, tmp_path):
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a" / "sample_000.png").read_bytes() != (tmp_path / "c" / "sample_000.png").read_bytes()
-    # The strip's last panel is the sample itself.
-    strip = np.asarray(Image.open(tmp_path / "a" / "strip_001.png"))
-    np.testing.assert_array_equal(strip[:, -width:], np.asarray(Image.open(tmp_path / "a" / "sample_001.png")))
+    # The strip's last panel is the sample itself, decoded in another batch: XLA's convolutions may sum in another
+    # order there, which moves a pixel that lies on a rounding boundary by one level.
+    strip = np.asarray(Image.open(tmp_path / "a" / "strip_001.png"), np.int16)
+    diff = np.abs(strip[:, -width:] - np.asarray(Image.open(tmp_path / "a" / "sample_001.png"), np.int16))
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, (diff.max(), np.mean(diff > 0))
 
 
 def test_size_flag_per_scale_cfg_and_clear_errors(ckpt, tmp_path, capsys):

@@ -12,7 +12,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from infinity_jax import quantizer, schedules, sharding
-from infinity_jax.models.bsq_vae import BSQVAE, TOKENIZERS, TokenizerConfig, count_params, nearest_up_conv
+from infinity_jax.models.bsq_vae import (
+    BSQVAE,
+    TOKENIZERS,
+    TokenizerConfig,
+    count_params,
+    group_norm,
+    nearest_up_conv,
+)
 from infinity_jax.tokenizer import Tokenizer
 
 TINY = TokenizerConfig(bits=8, stride=16, base_ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1)
@@ -126,6 +133,28 @@ def test_upsampling_conv_in_bf16_rounds_no_worse_than_convolving_the_upsampled_c
     err_ours = float(jnp.abs(ours.astype(jnp.float32) - exact).mean())
     assert err_ours < 1.05 * err_plain, (err_ours, err_plain)
     np.testing.assert_allclose(nearest_up_conv(x, kernel, bias), exact, atol=2e-5)
+
+
+def test_one_pass_group_norm_is_as_exact_as_two_passes_and_has_their_gradient():
+    # Activations far from zero (mean 300, std 1): E[x²] − E[x]² in float32 loses the variance, while the shifted
+    # one-pass sums of group_norm must stay as close to float64 as flax's two-pass GroupNorm.
+    rng = np.random.default_rng(0)
+    x = (300.0 + rng.standard_normal((2, 24, 20, 64))).astype(np.float32)
+    scale, bias = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    grouped = x.astype(np.float64).reshape(2, 24, 20, 32, 2)
+    mean, var = grouped.mean(axis=(1, 2, 4), keepdims=True), grouped.var(axis=(1, 2, 4), keepdims=True)
+    exact = ((grouped - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * scale + bias
+    flax_norm = nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False)
+    params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+    two_pass = float(np.abs(np.asarray(flax_norm.apply(params, x)) - exact).max())
+    ours = float(np.abs(np.asarray(group_norm(jnp.asarray(x), scale, bias, 32)) - exact).max())
+    fast = nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=True)
+    cancelled = float(np.abs(np.asarray(fast.apply(params, x)) - exact).max())
+    assert ours < min(1e-4, 2 * two_pass) and cancelled > 100 * ours, (ours, two_pass, cancelled)
+    weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    grad_ours = jax.grad(lambda x: jnp.sum(group_norm(x, scale, bias, 32) * weights))(jnp.asarray(x))
+    grad_flax = jax.grad(lambda x: jnp.sum(flax_norm.apply(params, x) * weights))(jnp.asarray(x))
+    np.testing.assert_allclose(grad_ours, grad_flax, rtol=1e-3, atol=1e-3)
 
 
 def test_batch_sharded_with_replicated_weights():

@@ -199,6 +199,44 @@ def test_cudnn_generation_reads_each_layer_cache_whole():
         np.testing.assert_allclose(np.float32(b), np.float32(a), rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        "xla",
+        pytest.param(
+            "cudnn",
+            marks=pytest.mark.skipif(jax.default_backend() not in ("gpu", "cuda"), reason="cuDNN needs an NVIDIA GPU"),
+        ),
+    ],
+)
+def test_generation_never_reads_a_cache_row_before_writing_it(kernel):
+    """Generation may start from an uninitialized KV cache (`init_cache(uninitialized=True)`): with unwritten rows
+    full of NaN, every scale's hidden states must equal those over a zeroed cache. XLA's kernel reads the written
+    prefix; cuDNN reads whole key tiles, so each scale writes zeros up to its last tile's end."""
+    config = dataclasses.replace(TINY, dtype="bfloat16", attention=kernel)
+    params, config = for_inference(random_params(TINY), config)
+    model, cond = Infinity(config), conditioning(TINY)
+
+    @jax.jit
+    def scales(params, cache):
+        apply = lambda *a, method: model.apply({"params": params}, *a, method=method)  # noqa: E731
+        condition = apply(cond["text"], cond["text_mask"], None, None, method=Infinity.condition)
+        x, hidden = apply(condition.cond, method=Infinity.sos), []
+        for k, n in enumerate(SQUARE.tokens_per_scale):
+            if k:
+                features = jax.random.normal(jax.random.key(k), (2, n, config.bits))
+                x = apply(features, method=Infinity.embed)
+            out, cache = apply(x, condition, SQUARE, k, cache, method=Infinity.step)
+            hidden.append(out)
+        return hidden
+
+    zeros = transformer.init_cache(config, 2, SQUARE)
+    garbage = jax.tree.map(lambda c: jnp.full_like(c, jnp.nan), zeros)
+    for k, (a, b) in enumerate(zip(scales(params, zeros), scales(params, garbage), strict=True)):
+        assert bool(jnp.isfinite(a).all()), k
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=f"scale {k}")
+
+
 @pytest.mark.skipif(jax.default_backend() not in ("gpu", "cuda"), reason="cuDNN attention needs an NVIDIA GPU")
 @pytest.mark.parametrize("remat", ["none", "dots_saveable"])
 def test_cudnn_training_gradients_match_xla(remat, capsys):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from infinity_jax.ops.attention import attention, prefix_attention
+from infinity_jax.ops.attention import CUDNN_READ_TILE, attention, prefix_attention
 from infinity_jax.ops.layer_matmul import LayerKernel
 from infinity_jax.ops.rope import normalized_rope
 from infinity_jax.ops.splash import block_causal_attention
@@ -264,8 +264,13 @@ class SelfAttention(_Attention):
         kv_lengths = None
         if cache is not None and cache[0].ndim == 4:  # this layer's own cache (unrolled blocks)
             b, n = x.shape[:2]
+            # Zeros after the new rows, to the end of cuDNN's last read tile: the rows past them may be garbage
+            # (`init_cache(uninitialized=True)`); the next scale overwrites the zeros.
+            tail = min(-(-(start + n) // CUDNN_READ_TILE) * CUDNN_READ_TILE, cache[0].shape[1]) - start - n
             cache = tuple(
-                jax.lax.dynamic_update_slice(c, t.astype(c.dtype), (0, start, 0, 0))
+                jax.lax.dynamic_update_slice(
+                    c, jnp.pad(t.astype(c.dtype), ((0, 0), (0, tail), (0, 0), (0, 0))), (0, start, 0, 0)
+                )
                 for c, t in zip(cache, (k, v), strict=True)
             )
             if self.kernel == "cudnn":

@@ -21,6 +21,10 @@ from infinity_jax.schedules import Schedule
 IMPLEMENTATIONS = ("xla", "cudnn")
 # cuDNN's fused attention with a mask takes sequence lengths in multiples of its tile; shorter ones are padded.
 CUDNN_BLOCK = 64
+# cuDNN reads keys and values in whole tiles (128 rows in the Hopper kernels): bounded by key lengths, the rows past
+# the length in the last tile are read and masked, and a masked NaN still makes 0·NaN = NaN in the product with the
+# values. A KV cache whose unwritten rows are garbage keeps zeros after its written rows up to a multiple of this.
+CUDNN_READ_TILE = 256
 # In training, a scale of at least this many tokens attends in a call of its own; the smaller scales share one
 # masked call, whose few thousand scores cost less than a call (and its backward) per scale.
 OWN_CALL_TOKENS = 64

@@ -20,10 +20,26 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 
+def _whole_replicas_on_cpu() -> None:
+    """On CPU, orbax saves each replicated array whole from one replica instead of a slice from every replica.
+
+    Replica-parallel saving splits an array's writes across the devices (or hosts) holding copies of it; CPU devices
+    share one memory, so the split only adds a compiled slice per array shape and replica: ~160 programs and ~9 s
+    for the first save of the tiny model on 8 CPU devices, against ~0.1 s whole. Orbax already saves whole on GPUs
+    (when JAX_PLATFORMS names them); TPUs keep its default.
+    """
+    if jax.default_backend() == "cpu":
+        default = ocp.type_handlers.get_type_handler(jax.Array)
+        store = getattr(default, "_array_metadata_store", None)  # orbax's default handler keeps its array metadata
+        handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False, array_metadata_store=store)
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 class Checkpointer:
     """The orbax CheckpointManager of one training run."""
 
     def __init__(self, workdir: str, keep: int, async_save: bool = True):
+        _whole_replicas_on_cpu()
         # The trainer decides when to save (every N steps, at the end, on preemption) and always forces the save.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep if keep > 0 else None,
@@ -88,6 +104,7 @@ def export_params(workdir: str, out: str, step: int | None = None) -> str:
 def save_params(path: str, params, config: ml_collections.ConfigDict | dict | None = None) -> str:
     """Writes a params-only checkpoint (`path/params`, `path/config.json`). Returns the path."""
     path = os.path.abspath(path)
+    _whole_replicas_on_cpu()
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(path, "params"), params, force=True)
     checkpointer.wait_until_finished()
