@@ -116,6 +116,10 @@ def data_config(source: str = "jsonl", path: str = "") -> ml_collections.ConfigD
             "min_size": 16,
             "max_pixels": 1 << 26,
             "workers": 0,
+            # grain's reading threads, and how many of this process's batches they decode ahead of the step, per
+            # aspect-ratio bucket (grain's own default is 500 records, which a short run decodes and throws away).
+            "read_threads": 16,
+            "read_ahead": 4,
             "precomputed": False,
             "holdout_every": 0,
         }
@@ -245,6 +249,13 @@ def templates(config: ml_collections.ConfigDict) -> tuple[float, ...]:
     return tuple(config.data.templates) if "data" in config else schedules.H_DIV_W_TEMPLATES
 
 
+def _validate_data(data: ml_collections.ConfigDict) -> None:
+    if data.source not in DATA_SOURCES:
+        raise ValueError(f"unknown data.source {data.source!r}; valid: {', '.join(DATA_SOURCES)}")
+    if data.read_threads < 1 or data.read_ahead < 1:
+        raise ValueError(f"data.read_threads={data.read_threads} and data.read_ahead={data.read_ahead} must be ≥ 1")
+
+
 def _validate_tokenizer_training(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     layout = tokenizer_layout(config.tokenizer)
     for resolution in (config.schedule.resolution, *config.eval.resolutions):
@@ -262,8 +273,7 @@ def _validate_tokenizer_training(config: ml_collections.ConfigDict) -> ml_collec
         raise ValueError(f"loss.flip_prob must be in [0, 1], got {config.loss.flip_prob}")
     if not 0.0 <= config.train.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay must be in [0, 1), got {config.train.ema_decay}")
-    if config.data.source not in DATA_SOURCES:
-        raise ValueError(f"unknown data.source {config.data.source!r}; valid: {', '.join(DATA_SOURCES)}")
+    _validate_data(config.data)
     if config.eval.batch_size < 1:
         raise ValueError(f"eval.batch_size must be positive, got {config.eval.batch_size}")
     return config
@@ -313,8 +323,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(f"model.cond must be 'text' or 'class', got {model.cond!r}")
     if model.get("cond") == "text" and "train" in config and "text" not in config:
         raise ValueError("a text-conditional training config needs a `text` section (the T5 encoder)")
-    if "data" in config and config.data.source not in DATA_SOURCES:
-        raise ValueError(f"unknown data.source {config.data.source!r}; valid: {', '.join(DATA_SOURCES)}")
+    if "data" in config:
+        _validate_data(config.data)
     if "train" in config and config.train.batch_size % config.train.grad_accum:
         raise ValueError(
             f"train.batch_size={config.train.batch_size} is not divisible by train.grad_accum={config.train.grad_accum}"

@@ -4,11 +4,14 @@ import json
 import logging
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from infinity_jax import config as config_lib
+from infinity_jax.cli import load_config_file
 from infinity_jax.data import pipeline, sources
 from infinity_jax.data.write_records import write_records
 from infinity_jax.text import load_text_tokenizer
@@ -99,6 +102,32 @@ def test_iterator_state_resumes_exactly():
     fresh = iter(pipeline.make_dataset(source, _spec(cond="class", batch=5)))
     fresh.set_state(state)
     assert [next(fresh)["id"].tolist() for _ in range(3)] == expected
+
+
+class _CountingSource(sources.JsonlSource):
+    """The jsonl source, counting the records the pipeline's reading threads look up."""
+
+    reads = 0
+
+    def __getitem__(self, index):
+        self.reads += 1
+        return super().__getitem__(index)
+
+
+def test_reading_threads_stay_within_their_read_ahead():
+    source = _CountingSource(f"{SET}/metadata.jsonl")
+    iterator = iter(pipeline.make_dataset(source, _spec(cond="class", batch=4, read_threads=2, read_ahead=1)))
+    next(iterator)
+    reads, deadline = -1, time.monotonic() + 10
+    while source.reads != reads and time.monotonic() < deadline:  # until the threads have filled their buffer
+        reads = source.reads
+        time.sleep(0.5)
+    # The batch taken, one batch ahead, and one record in each thread's hands; grain's default would read 500.
+    assert 8 <= reads <= 4 + 4 + 2, reads
+    config = load_config_file("configs/infinity.py:size=tiny")
+    config.data.read_threads = 0
+    with pytest.raises(ValueError, match=r"data\.read_threads=0 and data\.read_ahead=4 must be ≥ 1"):
+        config_lib.validate(config)
 
 
 def test_bad_records_are_skipped_counted_and_warned(tmp_path, caplog):

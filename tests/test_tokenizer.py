@@ -135,6 +135,25 @@ def test_upsampling_conv_in_bf16_rounds_no_worse_than_convolving_the_upsampled_c
     np.testing.assert_allclose(nearest_up_conv(x, kernel, bias), exact, atol=2e-5)
 
 
+def test_upsampling_conv_has_the_gradients_of_convolving_the_upsampled_copy():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 8, 6, 16)).astype(np.float32)
+    kernel = (rng.standard_normal((3, 3, 16, 8)) / 12).astype(np.float32)
+    bias = rng.standard_normal(8).astype(np.float32)
+    weights = rng.standard_normal((2, 16, 12, 8)).astype(np.float32)  # a loss that weighs every output differently
+
+    def plain(x, kernel, bias):
+        up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        dims = ("NHWC", "HWIO", "NHWC")
+        y = jax.lax.conv_general_dilated(up, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims)
+        return jnp.sum((y + bias) * weights)
+
+    expected = jax.grad(plain, argnums=(0, 1, 2))(x, kernel, bias)
+    ours = jax.grad(lambda *a: jnp.sum(nearest_up_conv(*a) * weights), argnums=(0, 1, 2))(x, kernel, bias)
+    for got, want in zip(ours, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_one_pass_group_norm_is_as_exact_as_two_passes_and_has_their_gradient():
     # Activations far from zero (mean 300, std 1): E[x²] − E[x]² in float32 loses the variance, while the shifted
     # one-pass sums of group_norm must stay as close to float64 as flax's two-pass GroupNorm.

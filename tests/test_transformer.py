@@ -143,7 +143,7 @@ def test_remat_policies_give_the_same_gradients_and_keep_what_they_name(capsys):
     reference = jax.jit(jax.grad(loss_of("none")))(params)
     for policy, free in [(p, 0) for p in transformer.REMAT_POLICIES[1:]] + [("nothing_saveable", 1)]:
         grads = jax.jit(jax.grad(loss_of(policy, free)))(params)
-        jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), grads, reference)
+        jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5), grads, reference)
 
     def saved_gelu(policy):
         capsys.readouterr()

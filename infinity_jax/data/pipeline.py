@@ -245,6 +245,8 @@ class InputSpec:
     min_size: int = 16
     max_pixels: int = 1 << 26
     workers: int = 0
+    read_threads: int = 16
+    read_ahead: int = 4  # batches per bucket
     latent_stride: int = schedules.VAE_STRIDE  # pixels per latent cell (8 for the patchified f8 tokenizer)
 
 
@@ -281,7 +283,8 @@ def make_dataset(source, spec: InputSpec, process_index: int = 0, process_count:
         # Process p reads rows [p·l, (p+1)·l) of every global batch of the one global stream, so that the batch
         # the processes assemble is the single-process batch, row for row (per-row randomness included).
         records = grain.MapDataset.range(len(stream)).map(_Block(stream, local_batch, process_index, process_count))
-        datasets.append(SkipBad(records.to_iter_dataset()).batch(local_batch, drop_remainder=True))
+        reading = grain.ReadOptions(num_threads=spec.read_threads, prefetch_buffer_size=spec.read_ahead * local_batch)
+        datasets.append(SkipBad(records.to_iter_dataset(reading)).batch(local_batch, drop_remainder=True))
         weights.append(len(indices))
     if not datasets:
         raise ValueError(f"the source has no records ({len(source)} in total) for {process_count} processes")

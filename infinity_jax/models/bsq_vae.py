@@ -117,7 +117,12 @@ def nearest_up_conv(x, kernel, bias):
     # Taps summed in float32 and rounded once to x's dtype, as nn.Conv rounds a kernel once.
     phases = jnp.einsum("ary,bsx,yxcd->rscabd", _PHASE_TAPS, _PHASE_TAPS, kernel.astype(jnp.float32))
     phases = phases.reshape(2, 2, c_in, 4 * c_out).astype(x.dtype)
-    y = jax.lax.conv_general_dilated(x, phases, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    # Padded before a VALID conv rather than by the conv: the same forward (XLA folds the pad into the conv), but
+    # autodiff then writes the kernel's gradient as a plain valid conv of the padded input, which XLA's CPU backend
+    # runs as a library conv; the "full"-padding gradient with a reversed window ran as a naive loop, ~0.4 s a
+    # device per step of the tiny tokenizer at -O0.
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = jax.lax.conv_general_dilated(padded, phases, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     y = y.reshape(batch, h + 1, w + 1, 2, 2, c_out)
     rows = [jnp.stack([y[:, a : a + h, b : b + w, a, b] for b in (0, 1)], axis=3) for a in (0, 1)]
     return jnp.stack(rows, axis=2).reshape(batch, 2 * h, 2 * w, c_out) + bias.astype(x.dtype)

@@ -150,6 +150,8 @@ def make_input(config: ml_collections.ConfigDict, cond: str, process_index: int,
         min_size=config.data.min_size,
         max_pixels=config.data.max_pixels,
         workers=config.data.workers,
+        read_threads=config.data.read_threads,
+        read_ahead=config.data.read_ahead,
         latent_stride=config.tokenizer.stride,
     )
     return pipeline.make_dataset(training_source(config), spec, process_index, process_count)
