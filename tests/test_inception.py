@@ -135,6 +135,17 @@ def test_fid_closed_form():
     assert np.isclose(fid.fid(x, y), m @ m + 4, rtol=0.02)
 
 
+def test_fid_equals_the_reference_matrix_square_root():
+    import scipy.linalg
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(400, 64)), 0.5 + rng.normal(size=(400, 64)) @ rng.normal(size=(64, 64)) / 8
+    (mu1, s1), (mu2, s2) = fid.statistics(x), fid.statistics(y)
+    # The reference code's formula: a general matrix square root of the covariances' product.
+    reference = (mu1 - mu2) @ (mu1 - mu2) + np.trace(s1 + s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
+    assert np.isclose(fid.fid(x, y), reference, rtol=1e-9)
+
+
 def test_fid_singular_covariances_stay_finite():
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(5, 32)), rng.normal(size=(6, 32))  # fewer samples than dimensions

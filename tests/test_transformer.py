@@ -143,7 +143,9 @@ def test_remat_policies_give_the_same_gradients_and_keep_what_they_name(capsys):
     reference = jax.jit(jax.grad(loss_of("none")))(params)
     for policy, free in [(p, 0) for p in transformer.REMAT_POLICIES[1:]] + [("nothing_saveable", 1)]:
         grads = jax.jit(jax.grad(loss_of(policy, free)))(params)
-        jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5), grads, reference)
+        # float32 sums in another order: each leaf's error is measured against its largest entry.
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(np.abs(want).max()))
 
     def saved_gelu(policy):
         capsys.readouterr()

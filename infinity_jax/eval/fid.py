@@ -1,14 +1,17 @@
 """Fréchet Inception Distance (Heusel et al., 2017) between two sets of features, in float64 numpy.
 
-FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½), the Fréchet distance of Gaussians fitted to the two sets. With fewer
-samples than feature dimensions the covariances are singular; as in the reference code, Σ₁ and Σ₂ get ε·I added
-when the square root of their product is not finite, and the tiny imaginary part sqrtm leaves is dropped.
+FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½), the Fréchet distance of Gaussians fitted to the two sets.
+
+Σ₁Σ₂ is similar to the symmetric positive semi-definite Σ₁^½ Σ₂ Σ₁^½, so Tr((Σ₁Σ₂)^½) is the sum of the square
+roots of that matrix's eigenvalues: two symmetric eigendecompositions (~1 s each for Inception's 2048 dimensions),
+where the reference code's general matrix square root (scipy.linalg.sqrtm) takes ~23 s on two cores. The result is
+the same (to ~1e-8 relative on well-conditioned covariances); for singular covariances (fewer samples than
+dimensions) it stays exact where sqrtm needs the reference's ε·I fallback.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 
 
 def statistics(features) -> tuple[np.ndarray, np.ndarray]:
@@ -28,15 +31,19 @@ def _as_statistics(x) -> tuple[np.ndarray, np.ndarray]:
     return statistics(x)
 
 
-def fid(real, fake, eps: float = 1e-6) -> float:
+def fid(real, fake) -> float:
     """real, fake: features [N, D] (N ≥ 2) or precomputed (mu [D], sigma [D, D]) tuples -> FID (≥ 0 up to rounding)."""
     mu1, sigma1 = _as_statistics(real)
     mu2, sigma2 = _as_statistics(fake)
     if mu1.shape != mu2.shape:
         raise ValueError(f"the two feature sets differ in dimension: {mu1.size} vs {mu2.size}")
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = eps * np.eye(mu1.size)
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean).real)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * _trace_sqrt_product(sigma1, sigma2))
+
+
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((Σ₁Σ₂)^½) for covariances Σ₁, Σ₂ [D, D]; eigenvalues below zero by rounding count as zero."""
+    w, v = np.linalg.eigh(sigma1)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    product = root @ sigma2 @ root
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0.0, None)).sum())
