@@ -33,13 +33,15 @@ def bench_resolution(params, config, tok, text, mask, resolution, args):
     """(resolution, pixels, tokens, {decode: (median s, first-call s)}, transformer FLOPs, peak GiB)."""
     schedule = schedules.infinity_schedule(1.0, resolution)
     options = dict(text=text, text_mask=mask, cfg=4.0, tau=0.5, top_p=0.97)
+    xla_options = {} if args.xla_options == "xla" else None
     cells = {}
-    for decode in (False, True):
+    for decode in (True,) if args.decode_only else (False, True):
 
         def run(decode=decode):
             return gen.generate(
-                params, config, schedule, jax.random.key(3), tokenizer=tok if decode else None, **options
-            )
+                params, config, schedule, jax.random.key(3), tokenizer=tok if decode else None, **options,
+                xla_options=xla_options,
+            )  # fmt: skip
 
         start = time.perf_counter()
         jax.block_until_ready(run())
@@ -86,6 +88,14 @@ def main(argv=None):
     parser.add_argument(
         "--layer-weights", choices=["slice", "in_place"], help="override generate.for_inference's choice"
     )
+    parser.add_argument("--norms", choices=["xla", "pallas"], help="override generate.for_inference's choice")
+    parser.add_argument(
+        "--xla-options",
+        choices=["platform", "xla"],
+        default="platform",
+        help="generate's compiler options for the platform (generate.compiler_options), or XLA's defaults",
+    )
+    parser.add_argument("--decode-only", action="store_true", help="only the cell with the decode (one compile)")
     parser.add_argument("--profile", help="folder for one profiled call per resolution; prints its top kernels")
     parser.add_argument("--results")
     args = parser.parse_args(argv)
@@ -111,6 +121,8 @@ def main(argv=None):
         params, config = gen.for_inference(params, config)  # bf16 block weights
     if args.layer_weights:
         config = dataclasses.replace(config, layer_weights=args.layer_weights)
+    if args.norms:
+        config = dataclasses.replace(config, norms=args.norms)
     tok = Tokenizer.init(TOKENIZERS["d32reg"], jax.random.key(2), dtype=jnp.bfloat16)
     device = jax.devices()[0]
     peak = peak_tflops(device)
@@ -121,7 +133,7 @@ def main(argv=None):
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for resolution, pixels, tokens, cells, flops, mem in rows:
-        seconds = cells[False][0]
+        seconds = cells[False][0] if False in cells else float("nan")
         tflops = flops / seconds / 1e12
         mfu = f"{tflops / peak:.0%}" if peak else "n/a"
         lines.append(
@@ -132,7 +144,7 @@ def main(argv=None):
     description = (
         f"Device: {device.device_kind}; jax {jax.__version__}; bf16 blocks "
         f"({'float32 weights cast in each call' if args.as_trained else 'generate.for_inference: bf16 weights'}), attention {args.attention}, "
-        f"{'scanned' if config.scan_blocks else 'unrolled'} blocks (layer weights: {config.layer_weights}); 32 text tokens, cfg 4, tau 0.5, top_p 0.97; random weights; "
+        f"{'scanned' if config.scan_blocks else 'unrolled'} blocks (layer weights: {config.layer_weights}, norms: {config.norms}); XLA options: {args.xla_options}; 32 text tokens, cfg 4, tau 0.5, top_p 0.97; random weights; "
         f"median of {args.repeats} after {args.warmup} warm-up calls. Official: REFERENCE §8.2 (torch, same H100 kind)."
     )
     report(f"Generation latency, {args.size}, batch {args.batch} with CFG", description, lines, args.results)

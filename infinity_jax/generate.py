@@ -60,6 +60,7 @@ class Static:
     progress: bool = False  # report each finished scale to the `on_scale` callbacks (from inside the compiled loop)
     targets: bool = False  # requantize a target latent's residual at every scale (`Generation.labels`)
     uninitialized_cache: bool = False  # `init_cache(uninitialized=True)`: for parameters on one device
+    compiler_options: tuple[tuple[str, object], ...] = ()  # XLA options of this compile (`compiler_options`)
 
 
 _SCALE_CALLBACKS: list[Callable[[int], None]] = []
@@ -178,9 +179,13 @@ def for_inference(params, config: TransformerConfig):
     stays float32. The block layout is the caller's: scanned blocks compile ~4× faster, and on one Hopper GPU their
     gemms read each layer's weights in place in the stacks (`layer_weights="in_place"`) rather than from the copies
     that XLA makes of every layer's slice at every scale; unrolled blocks (each layer's weights and KV cache its own)
-    generate ~10 % faster on an H100 (benchmarks/RESULTS.md, 2026-12-06).
+    generate ~10 % faster on an H100 (benchmarks/RESULTS.md, 2026-12-06). On one GPU the self-attention's residual
+    and the cross-attention's LayerNorm run as one kernel (`norms="pallas"`, `ops.residual_norm`).
     """
     config = dataclasses.replace(config, remat="none")
+    device = _one_device(params)
+    if device is not None and device.platform in ("gpu", "cuda"):
+        config = dataclasses.replace(config, norms="pallas")
     if config.compute_dtype != jnp.float32:
         params = {
             **params,
@@ -218,9 +223,24 @@ def _one_device(tree):
     return next(iter(devices)) if len(devices) == 1 else None
 
 
+# On GPUs, XLA's Triton gemms off: every dot goes to cuBLAS, whose epilogue then takes the FFN's bias and GELU
+# (with them on, the GELU after fc1 is a kernel of its own). Measured on an H100 over a 2B block's six gemms,
+# cuBLAS alone is 6–11 % faster from 32 rows up (168 µs per layer at 1024²'s last scale) and 26 µs slower at
+# 2 rows (benchmarks/RESULTS.md, 2026-12-07).
+GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def compiler_options(params) -> dict:
+    """The XLA options generation compiles with where `params` lie: `GPU_COMPILER_OPTIONS` on GPUs, else none."""
+    platforms = {d.platform for x in jax.tree.leaves(params) for d in getattr(x, "devices", lambda: ())()}
+    platform = platforms.pop() if len(platforms) == 1 else jax.default_backend()
+    return dict(GPU_COMPILER_OPTIONS) if platform in ("gpu", "cuda", "rocm") else {}
+
+
 @functools.cache
 def _compiled(static: Static):
-    return jax.jit(functools.partial(_generate, static=static))
+    options = dict(static.compiler_options) or None
+    return jax.jit(functools.partial(_generate, static=static), compiler_options=options)
 
 
 def per_scale(name: str, value, num_scales: int) -> np.ndarray:
@@ -255,6 +275,7 @@ def generate(
     return_logits: bool = False,
     progress: bool = False,
     target_latent: jax.Array | None = None,
+    xla_options: dict | None = None,
 ) -> Generation:
     """Generates one batch for one schedule.
 
@@ -277,6 +298,8 @@ def generate(
       target_latent: [B, H, W, d] a latent on the tokenizer's grid (e.g. a held-out image's): also return, per
         scale, the labels of its residual given the scales drawn before (`Generation.labels`), so that a loss
         against them measures the model on its own earlier samples rather than on ground-truth ones.
+      xla_options: XLA compiler options of this generation's compile; None: `compiler_options(params)` (measured
+        per platform), {}: XLA's defaults.
     """
     Infinity(config).check_schedule(schedule)
     text, text_mask, labels = check_conditioning(config, text, text_mask, labels)
@@ -317,6 +340,7 @@ def generate(
     static = Static(
         config, schedule, batch, guided, known is not None, return_logits, cfg_layer if guided else 0, bool(patchify),
         progress, target_latent is not None, _one_device(params) is not None,
+        tuple(sorted((compiler_options(params) if xla_options is None else xla_options).items())),
     )  # fmt: skip
     top_k, top_p = np.int32(top_k), np.float32(top_p)
     return _compiled(static)(

@@ -12,7 +12,7 @@ from jax.ad_checkpoint import print_saved_residuals
 from jax.sharding import PartitionSpec as P
 
 from infinity_jax import quantizer, schedules, sharding
-from infinity_jax.generate import for_inference, generate, sample_bits
+from infinity_jax.generate import compiler_options, for_inference, generate, sample_bits
 from infinity_jax.models import layers, sizes, transformer
 from infinity_jax.models.bsq_vae import TokenizerConfig
 from infinity_jax.models.transformer import Infinity, TransformerConfig
@@ -501,6 +501,14 @@ def test_bad_input_raises_clear_errors():
         Infinity(TINY).apply({"params": params}, jnp.zeros((2, 100, 8)), SQUARE, **cond)
     with pytest.raises(ValueError, match="text_dim 200 must be a multiple of 128"):
         TransformerConfig(depth=1, embed_dim=64, num_heads=2, ffn_dim=256, text_dim=200)
+
+
+def test_generation_compiles_with_the_options_of_its_platform_or_the_given_ones():
+    params, cond = random_params(TINY), conditioning(TINY)
+    assert compiler_options(params) == {}  # on CPU, XLA's defaults; on GPUs generate.GPU_COMPILER_OPTIONS
+    # The given options reach XLA: a name it does not know fails the compile, naming it.
+    with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option: 'xla_no_such_option'"):
+        generate(params, TINY, SQUARE, jax.random.key(0), **cond, xla_options={"xla_no_such_option": True})
 
 
 def test_initialisation_follows_the_released_recipe():

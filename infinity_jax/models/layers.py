@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from infinity_jax.ops.attention import CUDNN_READ_TILE, attention, prefix_attention
 from infinity_jax.ops.layer_matmul import LayerKernel
+from infinity_jax.ops.residual_norm import residual_norm
 from infinity_jax.ops.rope import normalized_rope
 from infinity_jax.ops.splash import block_causal_attention
 
@@ -201,14 +202,27 @@ class RMSNorm(nn.Module):
 
 
 class AffineLayerNorm(nn.Module):
-    """LayerNorm with weight and bias (the cross-attention's input norm), float32."""
+    """LayerNorm with weight and bias (the cross-attention's input norm), float32.
 
-    @nn.compact
+    `residual` also adds a gated branch to the stream first and returns both (generation's one-pass kernel).
+    """
+
+    features: int
+
+    def setup(self):
+        axes = ("embed",)
+        self.scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, axes), (self.features,))
+        self.bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes), (self.features,))
+
     def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (c,))
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (c,))
-        return normalize_affine(x, scale, bias)
+        return normalize_affine(x, self.scale, self.bias)
+
+    def residual(self, x, branch, gate, out_dtype, interpret: bool = False):
+        """(x + branch·gate, its LayerNorm in out_dtype) from one pass of `ops.residual_norm` (GPU, or
+        `interpret` on CPU). x: [B, n, C] float32; branch: [B, n, C]; gate: [B, 1, C]."""
+        return residual_norm(
+            x, branch, gate, self.scale, self.bias, eps=LN_EPS, out_dtype=out_dtype, interpret=interpret
+        )
 
 
 class _Attention(nn.Module):

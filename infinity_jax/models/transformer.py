@@ -59,6 +59,7 @@ REMAT_POLICIES = (
     "dots_and_gelu_saveable",
 )
 LAYER_WEIGHTS = ("slice", "in_place", "in_place_interpret")
+NORMS = ("xla", "pallas", "pallas_interpret")
 # Special initialisation of the released training recipe (REFERENCE §3.8): AdaLN gates ×5e-6, AdaLN
 # scale/shift ×1e-3, head ×0.02, residual output projections ×1/√(2·depth).
 ALN_GAMMA_INIT, ALN_INIT, HEAD_INIT = 5e-6, 1e-3, 0.02
@@ -84,6 +85,9 @@ class TransformerConfig:
       scan hands every layer its slice, which XLA on GPU copies out of the stacks) or "in_place" (the gemms read
       the stacks at the layer's offset, `ops.layer_matmul`; GPU, one device, kernels in the compute dtype;
       "in_place_interpret" runs it on CPU).
+    norms: how generation adds the self-attention's gated branch and takes the cross-attention's LayerNorm:
+      "xla" (two kernels on GPU), or "pallas" (`ops.residual_norm`, one pass; GPU; "pallas_interpret" on CPU).
+      Training always takes XLA's path.
     """
 
     depth: int
@@ -107,6 +111,7 @@ class TransformerConfig:
     num_positions: int = 0
     vocab: int = 0
     layer_weights: str = "slice"
+    norms: str = "xla"
 
     def __post_init__(self):
         if self.cond not in ("text", "class"):
@@ -136,6 +141,8 @@ class TransformerConfig:
                 f"layer_weights={self.layer_weights!r} needs scanned blocks in bfloat16 (generate.for_inference's "
                 "layout), got scan_blocks={self.scan_blocks}, dtype={self.dtype}"
             )
+        if self.norms not in NORMS:
+            raise ValueError(f"unknown norms {self.norms!r}; valid: {', '.join(NORMS)}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTIONS)}")
         pool_head = 128 if self.embed_dim <= 4096 else 64
@@ -273,15 +280,22 @@ class Block(nn.Module):
             modulate(x, scale1, shift1).astype(dtype), ctx.rope, ctx.schedule, cache, self.start, layer
         )
         # drop_path scales whole samples, so it may act on the branch before the gate.
-        x = gated_residual(x, drop_path(attn, rate, self.deterministic, self), gamma1)
+        attn = drop_path(attn, rate, self.deterministic, self)
         if ctx.condition.memory is not None:
-            h = AffineLayerNorm(name="ca_norm")(x).astype(dtype)
+            ca_norm = AffineLayerNorm(c.embed_dim, name="ca_norm")
+            if cache is not None and c.norms != "xla":  # generation: no gradient needed
+                x, h = ca_norm.residual(x, attn, gamma1, dtype, interpret=c.norms == "pallas_interpret")
+            else:
+                x = gated_residual(x, attn, gamma1)
+                h = ca_norm(x).astype(dtype)
             memory_kv = ctx.condition.memory_kv
             memory_kv = None if memory_kv is None else memory_kv[layer]
             cross = CrossAttention(**heads, name="ca")(
                 h, ctx.condition.memory.astype(dtype), ctx.condition.memory_lengths, memory_kv
             )
             x = x + cross.astype(jnp.float32)
+        else:
+            x = gated_residual(x, attn, gamma1)
         ffn = FFN(c.ffn_dim, std, heads["proj_std"], dtype, name="ffn")(modulate(x, scale2, shift2).astype(dtype))
         x = gated_residual(x, drop_path(ffn, rate, self.deterministic, self), gamma2)
         x = constrain(x, "act_batch", "act_len", "act_embed")

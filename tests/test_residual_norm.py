@@ -1,0 +1,72 @@
+"""ops.residual_norm: the gated residual and a LayerNorm in one pass, on CPU in Pallas' interpret mode."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_transformer import SQUARE, TINY, conditioning, random_params
+
+from infinity_jax.generate import generate
+from infinity_jax.models.layers import LN_EPS
+from infinity_jax.ops.residual_norm import residual_norm
+
+
+@pytest.mark.parametrize("n", [1, 5, 12])  # one row per program (n not a multiple of 4) and four
+def test_residual_and_norm_against_float64(n):
+    rng = np.random.default_rng(n)
+    b, c = 2, 128
+    x = (3 * rng.standard_normal((b, n, c)) + 1).astype(np.float32)
+    branch = rng.standard_normal((b, n, c)).astype(np.float32)
+    gate = rng.standard_normal((b, 1, c)).astype(np.float32)  # per batch element, as AdaLN's
+    mul, add = rng.standard_normal((2, c)).astype(np.float32)  # shared, as an affine LayerNorm's
+    x_new, h = residual_norm(x, branch, gate, mul, add, eps=LN_EPS, out_dtype=jnp.float32, interpret=True)
+    want = x.astype(np.float64) + branch * gate.astype(np.float64)
+    centred = want - want.mean(-1, keepdims=True)
+    normed = centred / np.sqrt(np.mean(centred**2, -1, keepdims=True) + LN_EPS) * mul + add
+    np.testing.assert_allclose(np.asarray(x_new), want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(h), normed, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="must be float32 and match branch"):
+        residual_norm(x.astype(jnp.bfloat16), branch, gate, mul, add, eps=LN_EPS, interpret=True)
+
+
+def test_generation_with_the_one_pass_norm_equals_xlas():
+    bf16 = dataclasses.replace(TINY, dtype="bfloat16")
+    params = random_params(TINY)
+    run = lambda config: generate(  # noqa: E731
+        params, config, SQUARE, jax.random.key(3), **conditioning(TINY), cfg=3.0, tau=0.7, return_logits=True
+    )
+    want, got = run(bf16), run(dataclasses.replace(bf16, norms="pallas_interpret"))
+    # The same float32 arithmetic in both, but XLA may fuse the norm's products in another order: its bf16 output
+    # can round the other way, which may flip a bit whose two logits tie; the scales after it see other inputs,
+    # so logits are compared up to the first scale whose bits differ.
+    for a, b, bits_a, bits_b in zip(want.logits, got.logits, want.bits, got.bits, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-2, atol=2e-2)
+        if np.any(np.asarray(bits_a) != np.asarray(bits_b)):
+            break
+    agree = np.mean([np.mean(np.asarray(a) == np.asarray(b)) for a, b in zip(want.bits, got.bits, strict=True)])
+    assert agree > 0.99, agree
+
+
+def test_the_kernel_runs_in_generation_only_and_lowers_to_triton_for_a_cuda_target():
+    from infinity_jax.models.transformer import Infinity, init_cache
+
+    config = dataclasses.replace(TINY, dtype="bfloat16", norms="pallas")
+    params, cond = random_params(TINY), conditioning(TINY)
+    model = Infinity(config)
+
+    def first_scale(params):
+        apply = lambda *a, method: model.apply({"params": params}, *a, method=method)  # noqa: E731
+        condition = apply(cond["text"], cond["text_mask"], None, None, method=Infinity.condition)
+        x = apply(condition.cond, method=Infinity.sos)
+        return apply(x, condition, SQUARE, 0, init_cache(config, 2, SQUARE), method=Infinity.step)
+
+    text = jax.jit(first_scale).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"call @residual_norm(_\d+)?\(", text)) == TINY.depth  # one per block
+    inputs = jnp.zeros((2, SQUARE.num_tokens - 1, TINY.bits))
+    training = jax.make_jaxpr(lambda p: model.apply({"params": p}, inputs, SQUARE, **cond))(params)
+    assert "pallas_call" not in str(training)
+    with pytest.raises(ValueError, match="unknown norms 'triton'"):
+        dataclasses.replace(TINY, norms="triton")
