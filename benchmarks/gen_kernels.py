@@ -11,6 +11,7 @@ Sections (2B width, CFG batch 2, scale 13 of the 1M schedule: 4096 new tokens ov
              and with cuBLASLt: the time, and whether the GELU landed in a gemm's epilogue.
   gemms      a block's six gemms at each scale's rows, with and without XLA's Triton gemms.
   norm       the gated residual + LayerNorm after the self-attention: XLA's kernels against `ops.residual_norm`.
+  qkv        the queries and the cache's new rows from the q·k·v projection: XLA against `ops.qkv_cache`.
   dispatch   a call handed 800 parameter buffers against one handed 26 of the same bytes: the host's share of a
              generation call before its first kernel.
 
@@ -30,8 +31,10 @@ import numpy as np
 
 from infinity_jax.kernels import inventory
 from infinity_jax.models.layers import FFN, LN_EPS, gated_residual, normalize_affine
-from infinity_jax.ops.attention import attention
+from infinity_jax.ops.attention import CUDNN_READ_TILE, attention
+from infinity_jax.ops.qkv_cache import qkv_into_cache
 from infinity_jax.ops.residual_norm import residual_norm
+from infinity_jax.ops.rope import normalized_rope
 
 
 def per_call_ms(fn, *args, warmup: int = 3, calls: int = 20) -> float:
@@ -182,6 +185,51 @@ def section_norm(rows):
                     f"one pass at {traffic:.0f} GB/s; max |Δ| x {errs[0]:.1e}, h {errs[1]:.1e} |")  # fmt: skip
 
 
+def section_qkv(rows):
+    """The queries and the cache's new rows from the q·k·v projection: XLA's kernels (bias, normalize, RoPE,
+    cache writes) against `ops.qkv_cache`'s one pass, at scales 13, 9 and 1 of the 1M schedule."""
+    h, hd, cache_rows = 16, 128, 10560
+    r = np.random.default_rng(0)
+    for n, start in ((4096, 6425), (576, 921), (1, 0)):
+        rows_ = min(-(-(start + n) // CUDNN_READ_TILE) * CUDNN_READ_TILE, cache_rows) - start
+        qkv = jnp.asarray(r.standard_normal((2, n, 3, h, hd)), jnp.bfloat16)
+        q_bias, v_bias = (jnp.asarray(r.standard_normal((h, hd)), jnp.bfloat16) for _ in range(2))
+        scale = jnp.asarray(r.uniform(1, 100, h), jnp.float32)
+        angles = r.uniform(0, 6, (n, hd // 2))
+        cos, sin = jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32)
+        cache = tuple(jnp.full((2, cache_rows, h, hd), 7, jnp.bfloat16) for _ in range(2))
+
+        def xla(qkv, q_bias, v_bias, scale, cos, sin, k_cache, v_cache, n=n, start=start, rows_=rows_):
+            q = normalized_rope(qkv[:, :, 0] + q_bias, (cos, sin), scale).astype(jnp.bfloat16)
+            k = normalized_rope(qkv[:, :, 1], (cos, sin)).astype(jnp.bfloat16)
+            v = qkv[:, :, 2] + v_bias
+            pad = ((0, 0), (0, rows_ - n), (0, 0), (0, 0))
+            k_cache, v_cache = (jax.lax.dynamic_update_slice(c, jnp.pad(t, pad), (0, start, 0, 0))
+                                for c, t in ((k_cache, k), (v_cache, v)))  # fmt: skip
+            return q, k_cache, v_cache
+
+        fused = jax.jit(functools.partial(qkv_into_cache, start=start, rows=rows_), donate_argnums=(6, 7))
+        xla = jax.jit(xla, donate_argnums=(6, 7), static_argnames=("n", "start", "rows_"))
+        args = (qkv, q_bias, v_bias, scale, cos, sin)
+        outs = [fn(*args, *(jnp.copy(c) for c in cache)) for fn in (fused, xla)]
+        errs = [
+            float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) for a, b in zip(*outs, strict=True)
+        ]
+        times = []
+        for fn in (xla, fused):
+            state = [jnp.copy(c) for c in cache]
+            for _ in range(3):
+                _, *state = fn(*args, *state)
+            jax.block_until_ready(state)
+            start_time, calls = time.perf_counter(), 100
+            for _ in range(calls):
+                _, *state = fn(*args, *state)
+            jax.block_until_ready(state)
+            times.append((time.perf_counter() - start_time) / calls * 1e6)
+        rows.append(f"| qkv | {2 * n} rows: XLA / qkv_into_cache | {times[0]:.1f} / {times[1]:.1f} µs | – | "
+                    f"max |Δ| q {errs[0]:.1e}, k cache {errs[1]:.1e}, v cache {errs[2]:.1e} |")  # fmt: skip
+
+
 def section_dispatch(rows):
     total = 4 * 2**30  # bytes of bf16 parameters, as the 2B blocks
     for count in (800, 26):
@@ -194,7 +242,7 @@ def section_dispatch(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="attention,ffn,gemms,norm,dispatch")
+    parser.add_argument("--sections", default="attention,ffn,gemms,norm,qkv,dispatch")
     parser.add_argument("--ffn-rows", type=int, default=8192, help="rows of the ffn section (scale 13: 8192)")
     args = parser.parse_args(argv)
     device = jax.devices()[0]
@@ -205,6 +253,7 @@ def main(argv=None):
         "dispatch": section_dispatch,
         "gemms": section_gemms,
         "norm": section_norm,
+        "qkv": section_qkv,
     }
     for name in args.sections.split(","):
         sections[name](rows)

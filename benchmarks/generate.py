@@ -88,7 +88,9 @@ def main(argv=None):
     parser.add_argument(
         "--layer-weights", choices=["slice", "in_place"], help="override generate.for_inference's choice"
     )
-    parser.add_argument("--norms", choices=["xla", "pallas"], help="override generate.for_inference's choice")
+    parser.add_argument(
+        "--generation-kernels", choices=["xla", "pallas"], help="override generate.for_inference's choice"
+    )
     parser.add_argument(
         "--xla-options",
         choices=["platform", "xla"],
@@ -121,8 +123,8 @@ def main(argv=None):
         params, config = gen.for_inference(params, config)  # bf16 block weights
     if args.layer_weights:
         config = dataclasses.replace(config, layer_weights=args.layer_weights)
-    if args.norms:
-        config = dataclasses.replace(config, norms=args.norms)
+    if args.generation_kernels:
+        config = dataclasses.replace(config, generation_kernels=args.generation_kernels)
     tok = Tokenizer.init(TOKENIZERS["d32reg"], jax.random.key(2), dtype=jnp.bfloat16)
     device = jax.devices()[0]
     peak = peak_tflops(device)
@@ -144,7 +146,7 @@ def main(argv=None):
     description = (
         f"Device: {device.device_kind}; jax {jax.__version__}; bf16 blocks "
         f"({'float32 weights cast in each call' if args.as_trained else 'generate.for_inference: bf16 weights'}), attention {args.attention}, "
-        f"{'scanned' if config.scan_blocks else 'unrolled'} blocks (layer weights: {config.layer_weights}, norms: {config.norms}); XLA options: {args.xla_options}; 32 text tokens, cfg 4, tau 0.5, top_p 0.97; random weights; "
+        f"{'scanned' if config.scan_blocks else 'unrolled'} blocks (layer weights: {config.layer_weights}, kernels: {config.generation_kernels}); XLA options: {args.xla_options}; 32 text tokens, cfg 4, tau 0.5, top_p 0.97; random weights; "
         f"median of {args.repeats} after {args.warmup} warm-up calls. Official: REFERENCE §8.2 (torch, same H100 kind)."
     )
     report(f"Generation latency, {args.size}, batch {args.batch} with CFG", description, lines, args.results)

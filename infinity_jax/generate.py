@@ -180,12 +180,12 @@ def for_inference(params, config: TransformerConfig):
     gemms read each layer's weights in place in the stacks (`layer_weights="in_place"`) rather than from the copies
     that XLA makes of every layer's slice at every scale; unrolled blocks (each layer's weights and KV cache its own)
     generate ~10 % faster on an H100 (benchmarks/RESULTS.md, 2026-12-06). On one GPU the self-attention's residual
-    and the cross-attention's LayerNorm run as one kernel (`norms="pallas"`, `ops.residual_norm`).
+    and the cross-attention's LayerNorm run as one kernel (`generation_kernels="pallas"`).
     """
     config = dataclasses.replace(config, remat="none")
     device = _one_device(params)
     if device is not None and device.platform in ("gpu", "cuda"):
-        config = dataclasses.replace(config, norms="pallas")
+        config = dataclasses.replace(config, generation_kernels="pallas")
     if config.compute_dtype != jnp.float32:
         params = {
             **params,
@@ -230,10 +230,10 @@ def _one_device(tree):
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
-def compiler_options(params) -> dict:
-    """The XLA options generation compiles with where `params` lie: `GPU_COMPILER_OPTIONS` on GPUs, else none."""
-    platforms = {d.platform for x in jax.tree.leaves(params) for d in getattr(x, "devices", lambda: ())()}
-    platform = platforms.pop() if len(platforms) == 1 else jax.default_backend()
+def compiler_options(device) -> dict:
+    """The XLA options generation compiles with: `GPU_COMPILER_OPTIONS` on GPUs, else none. device: the one device
+    that holds the parameters (`_one_device`), or None (several, or uncommitted: the default backend's)."""
+    platform = jax.default_backend() if device is None else device.platform
     return dict(GPU_COMPILER_OPTIONS) if platform in ("gpu", "cuda", "rocm") else {}
 
 
@@ -298,7 +298,7 @@ def generate(
       target_latent: [B, H, W, d] a latent on the tokenizer's grid (e.g. a held-out image's): also return, per
         scale, the labels of its residual given the scales drawn before (`Generation.labels`), so that a loss
         against them measures the model on its own earlier samples rather than on ground-truth ones.
-      xla_options: XLA compiler options of this generation's compile; None: `compiler_options(params)` (measured
+      xla_options: XLA compiler options of this generation's compile; None: `compiler_options` (measured
         per platform), {}: XLA's defaults.
     """
     Infinity(config).check_schedule(schedule)
@@ -337,10 +337,11 @@ def generate(
         target_latent = jnp.asarray(target_latent, jnp.float32)
         if target_latent.shape[:3] != (batch, *grid):
             raise ValueError(f"target_latent must be [{batch}, {grid[0]}, {grid[1]}, d], got {target_latent.shape}")
+    device = _one_device(params)  # walks every parameter: once per call
+    options = compiler_options(device) if xla_options is None else xla_options
     static = Static(
         config, schedule, batch, guided, known is not None, return_logits, cfg_layer if guided else 0, bool(patchify),
-        progress, target_latent is not None, _one_device(params) is not None,
-        tuple(sorted((compiler_options(params) if xla_options is None else xla_options).items())),
+        progress, target_latent is not None, device is not None, tuple(sorted(options.items())),
     )  # fmt: skip
     top_k, top_p = np.int32(top_k), np.float32(top_p)
     return _compiled(static)(

@@ -38,7 +38,7 @@ def test_generation_with_the_one_pass_norm_equals_xlas():
     run = lambda config: generate(  # noqa: E731
         params, config, SQUARE, jax.random.key(3), **conditioning(TINY), cfg=3.0, tau=0.7, return_logits=True
     )
-    want, got = run(bf16), run(dataclasses.replace(bf16, norms="pallas_interpret"))
+    want, got = run(bf16), run(dataclasses.replace(bf16, generation_kernels="pallas_interpret"))
     # The same float32 arithmetic in both, but XLA may fuse the norm's products in another order: its bf16 output
     # can round the other way, which may flip a bit whose two logits tie; the scales after it see other inputs,
     # so logits are compared up to the first scale whose bits differ.
@@ -53,7 +53,7 @@ def test_generation_with_the_one_pass_norm_equals_xlas():
 def test_the_kernel_runs_in_generation_only_and_lowers_to_triton_for_a_cuda_target():
     from infinity_jax.models.transformer import Infinity, init_cache
 
-    config = dataclasses.replace(TINY, dtype="bfloat16", norms="pallas")
+    config = dataclasses.replace(TINY, dtype="bfloat16", generation_kernels="pallas")
     params, cond = random_params(TINY), conditioning(TINY)
     model = Infinity(config)
 
@@ -68,5 +68,5 @@ def test_the_kernel_runs_in_generation_only_and_lowers_to_triton_for_a_cuda_targ
     inputs = jnp.zeros((2, SQUARE.num_tokens - 1, TINY.bits))
     training = jax.make_jaxpr(lambda p: model.apply({"params": p}, inputs, SQUARE, **cond))(params)
     assert "pallas_call" not in str(training)
-    with pytest.raises(ValueError, match="unknown norms 'triton'"):
-        dataclasses.replace(TINY, norms="triton")
+    with pytest.raises(ValueError, match="unknown generation_kernels 'triton'"):
+        dataclasses.replace(TINY, generation_kernels="triton")

@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from infinity_jax.ops.attention import CUDNN_READ_TILE, attention, prefix_attention
 from infinity_jax.ops.layer_matmul import LayerKernel
+from infinity_jax.ops.qkv_cache import qkv_into_cache
 from infinity_jax.ops.residual_norm import residual_norm
 from infinity_jax.ops.rope import normalized_rope
 from infinity_jax.ops.splash import block_causal_attention
@@ -245,8 +246,11 @@ class SelfAttention(_Attention):
     """Cosine self-attention with 2D RoPE (optional) and an optional KV cache.
 
     q = normalize(x W_q + b_q) · exp(min(s_h, ln 100)), k = normalize(x W_k) (no key bias), v = x W_v + b_v;
-    RoPE on q and k; softmax(q·k) v with scale 1; output projection.
+    RoPE on q and k; softmax(q·k) v with scale 1; output projection. With a layer's own cache, RoPE and
+    `kernels="pallas"` (or "pallas_interpret"), q and the cache's new rows come from `ops.qkv_cache`'s one pass.
     """
+
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x, rope, schedule=None, cache=None, start: int = 0, layer=0):
@@ -268,53 +272,69 @@ class SelfAttention(_Attention):
         scale_mul = self.param(
             "scale_mul", nn.with_logical_partitioning(nn.initializers.constant(math.log(4.0)), ("heads",)), (h,)
         )
+        scale = jnp.exp(jnp.minimum(scale_mul, MAX_LOG_SCALE))
+        b, n = x.shape[:2]
+        layer_cache = cache is not None and cache[0].ndim == 4  # this layer's own cache (unrolled blocks)
+        # Zeros after the new rows, to the end of cuDNN's last read tile: the rows past them may be garbage
+        # (`init_cache(uninitialized=True)`); the next scale overwrites the zeros.
+        rows = (
+            min(-(-(start + n) // CUDNN_READ_TILE) * CUDNN_READ_TILE, cache[0].shape[1]) - start if layer_cache else n
+        )
+        if layer_cache and rope is not None and self.kernels != "xla":
+            interpret = self.kernels == "pallas_interpret"
+            q, *cache = qkv_into_cache(qkv, q_bias, v_bias, scale, *rope, *cache, start=start, rows=rows,
+                                       interpret=interpret)  # fmt: skip
+            return self._attend(q, tuple(cache), b, start + n)
         # As the promotion of qkv + bias: float32 in training (float32 biases), the compute dtype in inference.
         dtype = jnp.result_type(qkv, q_bias)
         q = bias_add(qkv[:, :, 0].astype(dtype), q_bias.astype(dtype))
         k, v = qkv[:, :, 1], bias_add(qkv[:, :, 2].astype(dtype), v_bias.astype(dtype))
-        q = normalized_rope(q, rope, jnp.exp(jnp.minimum(scale_mul, MAX_LOG_SCALE))).astype(self.dtype)
+        q = normalized_rope(q, rope, scale).astype(self.dtype)
         k = normalized_rope(k, rope).astype(self.dtype)
         q, k, v = (constrain(t, "act_batch", "act_len", "act_heads", "act_kv") for t in (q, k, v))
-        kv_lengths = None
-        if cache is not None and cache[0].ndim == 4:  # this layer's own cache (unrolled blocks)
-            b, n = x.shape[:2]
-            # Zeros after the new rows, to the end of cuDNN's last read tile: the rows past them may be garbage
-            # (`init_cache(uninitialized=True)`); the next scale overwrites the zeros.
-            tail = min(-(-(start + n) // CUDNN_READ_TILE) * CUDNN_READ_TILE, cache[0].shape[1]) - start - n
+        if layer_cache:
             cache = tuple(
                 jax.lax.dynamic_update_slice(
-                    c, jnp.pad(t.astype(c.dtype), ((0, 0), (0, tail), (0, 0), (0, 0))), (0, start, 0, 0)
+                    c, jnp.pad(t.astype(c.dtype), ((0, 0), (0, rows - n), (0, 0), (0, 0))), (0, start, 0, 0)
                 )
                 for c, t in zip(cache, (k, v), strict=True)
             )
-            if self.kernel == "cudnn":
-                k, v = cache
-                kv_lengths = jnp.full((b,), start + n, jnp.int32)
-            else:
-                k, v = (c[:, : start + n] for c in cache)
-        elif cache is not None:
-            b, n = x.shape[:2]
+            return self._attend(q, cache, b, start + n)
+        if cache is not None:
             cache = tuple(
                 jax.lax.dynamic_update_slice(c, t[None].astype(c.dtype), (layer, 0, start, 0, 0))
                 for c, t in zip(cache, (k, v), strict=True)
             )
             k, v = (jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), (1, b, start + n, h, hd))[0] for c in cache)
         if schedule is None:
-            out = attention(q, k, v, scale=1.0, kv_lengths=kv_lengths, implementation=self.kernel)
+            out = attention(q, k, v, scale=1.0, implementation=self.kernel)
         elif self.attention_impl.startswith("splash"):
             interpret = self.attention_impl == "splash_interpret"
             out = block_causal_attention(q, k, v, schedule, scale=1.0, interpret=interpret)
         else:
             out = prefix_attention(q, k, v, schedule, scale=1.0, implementation=self.kernel)
-        out = dense(
+        return self._project(out), cache
+
+    def _attend(self, q, cache, b: int, length: int):
+        """Attention of q over the first `length` rows of a layer's own cache (k, v) [B, L', H, hd]: cuDNN reads
+        the cache whole, bounded by key lengths; XLA takes the prefix. Returns (out [B, n, C], cache)."""
+        if self.kernel == "cudnn":
+            lengths = jnp.full((b,), length, jnp.int32)
+            out = attention(q, *cache, scale=1.0, kv_lengths=lengths, implementation=self.kernel)
+        else:
+            out = attention(q, *(c[:, :length] for c in cache), scale=1.0, implementation=self.kernel)
+        return self._project(out), cache
+
+    def _project(self, out):
+        proj = dense(
             self.head_dim * self.num_heads,
             ("heads", "kv", "embed"),
             std=self.proj_std,
             in_dims=2,
             dtype=self.dtype,
             name="proj",
-        )(out)
-        return out, cache
+        )
+        return proj(out)
 
 
 class CrossAttention(_Attention):

@@ -59,7 +59,7 @@ REMAT_POLICIES = (
     "dots_and_gelu_saveable",
 )
 LAYER_WEIGHTS = ("slice", "in_place", "in_place_interpret")
-NORMS = ("xla", "pallas", "pallas_interpret")
+GENERATION_KERNELS = ("xla", "pallas", "pallas_interpret")
 # Special initialisation of the released training recipe (REFERENCE §3.8): AdaLN gates ×5e-6, AdaLN
 # scale/shift ×1e-3, head ×0.02, residual output projections ×1/√(2·depth).
 ALN_GAMMA_INIT, ALN_INIT, HEAD_INIT = 5e-6, 1e-3, 0.02
@@ -85,9 +85,10 @@ class TransformerConfig:
       scan hands every layer its slice, which XLA on GPU copies out of the stacks) or "in_place" (the gemms read
       the stacks at the layer's offset, `ops.layer_matmul`; GPU, one device, kernels in the compute dtype;
       "in_place_interpret" runs it on CPU).
-    norms: how generation adds the self-attention's gated branch and takes the cross-attention's LayerNorm:
-      "xla" (two kernels on GPU), or "pallas" (`ops.residual_norm`, one pass; GPU; "pallas_interpret" on CPU).
-      Training always takes XLA's path.
+    generation_kernels: how generation runs the memory-bound passes around a block's self-attention: "xla", or
+      "pallas" (GPU; "pallas_interpret" on CPU): the queries and the cache's new keys and values from one pass
+      over the q·k·v projection (`ops.qkv_cache`, unrolled blocks with RoPE), and the attention's gated residual
+      with the cross-attention's LayerNorm (`ops.residual_norm`). Training always takes XLA's path.
     """
 
     depth: int
@@ -111,7 +112,7 @@ class TransformerConfig:
     num_positions: int = 0
     vocab: int = 0
     layer_weights: str = "slice"
-    norms: str = "xla"
+    generation_kernels: str = "xla"
 
     def __post_init__(self):
         if self.cond not in ("text", "class"):
@@ -141,8 +142,10 @@ class TransformerConfig:
                 f"layer_weights={self.layer_weights!r} needs scanned blocks in bfloat16 (generate.for_inference's "
                 "layout), got scan_blocks={self.scan_blocks}, dtype={self.dtype}"
             )
-        if self.norms not in NORMS:
-            raise ValueError(f"unknown norms {self.norms!r}; valid: {', '.join(NORMS)}")
+        if self.generation_kernels not in GENERATION_KERNELS:
+            raise ValueError(
+                f"unknown generation_kernels {self.generation_kernels!r}; valid: {', '.join(GENERATION_KERNELS)}"
+            )
         if self.attention not in ATTENTIONS:
             raise ValueError(f"unknown attention {self.attention!r}; valid: {', '.join(ATTENTIONS)}")
         pool_head = 128 if self.embed_dim <= 4096 else 64
@@ -276,15 +279,16 @@ class Block(nn.Module):
             )
             mod = ada(nn.silu(ctx.condition.adaln))
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (mod[:, None, i] for i in range(6))
-        attn, cache = SelfAttention(**heads, name="sa")(
+        attn, cache = SelfAttention(**heads, kernels=c.generation_kernels, name="sa")(
             modulate(x, scale1, shift1).astype(dtype), ctx.rope, ctx.schedule, cache, self.start, layer
         )
         # drop_path scales whole samples, so it may act on the branch before the gate.
         attn = drop_path(attn, rate, self.deterministic, self)
         if ctx.condition.memory is not None:
             ca_norm = AffineLayerNorm(c.embed_dim, name="ca_norm")
-            if cache is not None and c.norms != "xla":  # generation: no gradient needed
-                x, h = ca_norm.residual(x, attn, gamma1, dtype, interpret=c.norms == "pallas_interpret")
+            if cache is not None and c.generation_kernels != "xla":  # generation: no gradient needed
+                interpret = c.generation_kernels == "pallas_interpret"
+                x, h = ca_norm.residual(x, attn, gamma1, dtype, interpret=interpret)
             else:
                 x = gated_residual(x, attn, gamma1)
                 h = ca_norm(x).astype(dtype)

@@ -58,7 +58,7 @@ def normalized_rope(x: jax.Array, rope, scale: jax.Array | None = None) -> jax.A
     return _normalized_rope(x, () if rope is None else tuple(rope), scale)
 
 
-_EPS = 1e-12  # F.normalize's floor on the length
+NORM_EPS = 1e-12  # F.normalize's floor on the length
 
 
 def _pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -82,7 +82,7 @@ def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _inverse_length(a: jax.Array, b: jax.Array) -> jax.Array:
     """1 / max(|x|, eps) [B, n, H, 1] of the vectors whose pairs are (a, b)."""
-    return 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(a * a + b * b, axis=-1, keepdims=True)), _EPS)
+    return 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(a * a + b * b, axis=-1, keepdims=True)), NORM_EPS)
 
 
 @jax.custom_vjp
@@ -104,7 +104,7 @@ def _normalized_rope_bwd(residuals, g):
     inverse = _inverse_length(a, b)
     along = jnp.sum(a * ua + b * ub, axis=-1, keepdims=True) * inverse  # ⟨x̂, u⟩ [B, n, H, 1]
     # Below the floor the length is the constant eps: no projection.
-    along_x = jnp.where(inverse < 1.0 / _EPS, along * inverse, 0.0)
+    along_x = jnp.where(inverse < 1.0 / NORM_EPS, along * inverse, 0.0)
     dx = _interleave(ua - a * along_x, ub - b * along_x) * (inverse * scale[:, None])
     dscale = jnp.sum(along, axis=(0, 1, 3)).astype(scale.dtype)
     return dx.astype(x.dtype), jax.tree.map(jnp.zeros_like, rope), dscale
