@@ -89,7 +89,9 @@ def main(argv=None):
         "--layer-weights", choices=["slice", "in_place"], help="override generate.for_inference's choice"
     )
     parser.add_argument(
-        "--generation-kernels", choices=["xla", "pallas"], help="override generate.for_inference's choice"
+        "--generation-kernels",
+        choices=["xla", "pallas"],
+        help="the one-pass Pallas kernels around the self-attention (ops.qkv_cache, ops.residual_norm), or XLA's",
     )
     parser.add_argument(
         "--xla-options",

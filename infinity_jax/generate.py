@@ -179,13 +179,10 @@ def for_inference(params, config: TransformerConfig):
     stays float32. The block layout is the caller's: scanned blocks compile ~4× faster, and on one Hopper GPU their
     gemms read each layer's weights in place in the stacks (`layer_weights="in_place"`) rather than from the copies
     that XLA makes of every layer's slice at every scale; unrolled blocks (each layer's weights and KV cache its own)
-    generate ~10 % faster on an H100 (benchmarks/RESULTS.md, 2026-12-06). On one GPU the self-attention's residual
-    and the cross-attention's LayerNorm run as one kernel (`generation_kernels="pallas"`).
+    generate ~10 % faster on an H100 (benchmarks/RESULTS.md, 2026-12-06). The one-pass Pallas kernels around the
+    self-attention (`generation_kernels="pallas"`) are the caller's choice until they are timed on a GPU.
     """
     config = dataclasses.replace(config, remat="none")
-    device = _one_device(params)
-    if device is not None and device.platform in ("gpu", "cuda"):
-        config = dataclasses.replace(config, generation_kernels="pallas")
     if config.compute_dtype != jnp.float32:
         params = {
             **params,
@@ -224,9 +221,10 @@ def _one_device(tree):
 
 
 # On GPUs, XLA's Triton gemms off: every dot goes to cuBLAS, whose epilogue then takes the FFN's bias and GELU
-# (with them on, the GELU after fc1 is a kernel of its own). Measured on an H100 over a 2B block's six gemms,
-# cuBLAS alone is 6–11 % faster from 32 rows up (168 µs per layer at 1024²'s last scale) and 26 µs slower at
-# 2 rows (benchmarks/RESULTS.md, 2026-12-07).
+# (with them on, the GELU after fc1 is a kernel of its own). Measured on an H100 over a 2B block's six gemms at the
+# rows of each 1024² scale: cuBLAS alone is faster at 9 of 12 row counts (168 µs per layer at the last scale,
+# ~0.37 ms per layer over the 13 scales), even at 8 rows, slower at 2 and 288 (26 and 12 µs); the FFN at 8192
+# rows takes 0.721 ms against 0.805 (benchmarks/RESULTS.md, 2026-12-07).
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
