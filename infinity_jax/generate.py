@@ -226,13 +226,14 @@ def _one_device(tree):
 # ~0.37 ms per layer over the 13 scales), even at 8 rows, slower at 2 and 288 (26 and 12 µs); the FFN at 8192
 # rows takes 0.721 ms against 0.805 (benchmarks/RESULTS.md, 2026-12-07).
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
 def compiler_options(device) -> dict:
     """The XLA options generation compiles with: `GPU_COMPILER_OPTIONS` on GPUs, else none. device: the one device
     that holds the parameters (`_one_device`), or None (several, or uncommitted: the default backend's)."""
     platform = jax.default_backend() if device is None else device.platform
-    return dict(GPU_COMPILER_OPTIONS) if platform in ("gpu", "cuda", "rocm") else {}
+    return dict(GPU_COMPILER_OPTIONS) if platform in _GPU_PLATFORMS else {}
 
 
 @functools.cache
@@ -336,6 +337,12 @@ def generate(
         if target_latent.shape[:3] != (batch, *grid):
             raise ValueError(f"target_latent must be [{batch}, {grid[0]}, {grid[1]}, d], got {target_latent.shape}")
     device = _one_device(params)  # walks every parameter: once per call
+    platform = jax.default_backend() if device is None else device.platform
+    if config.generation_kernels == "pallas" and platform not in _GPU_PLATFORMS:
+        raise ValueError(
+            f"generation_kernels='pallas' runs Triton kernels, for GPUs; the parameters are on {platform} "
+            "('pallas_interpret' runs them on CPU)"
+        )
     options = compiler_options(device) if xla_options is None else xla_options
     static = Static(
         config, schedule, batch, guided, known is not None, return_logits, cfg_layer if guided else 0, bool(patchify),

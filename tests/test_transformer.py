@@ -525,6 +525,8 @@ def test_generation_compiles_with_the_options_of_its_platform_or_the_given_ones(
     # The given options reach XLA: a name it does not know fails the compile, naming it.
     with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option: 'xla_no_such_option'"):
         generate(params, TINY, SQUARE, jax.random.key(0), **cond, xla_options={"xla_no_such_option": True})
+    with pytest.raises(ValueError, match="runs Triton kernels, for GPUs; the parameters are on cpu"):
+        generate(params, dataclasses.replace(TINY, generation_kernels="pallas"), SQUARE, jax.random.key(0), **cond)
 
 
 def test_initialisation_follows_the_released_recipe():
