@@ -42,5 +42,8 @@ def test_shapes_that_do_not_fit_the_cache_are_refused():
     cache = jnp.zeros((2, 10, 2, 16), jnp.bfloat16)
     with pytest.raises(ValueError, match="rows 12 must be in \\[4, 7\\]"):
         qkv_into_cache(qkv, *args, cache, cache, start=3, rows=12, interpret=True)
+    three_heads = jnp.zeros((2, 4, 3, 3, 16), jnp.bfloat16), jnp.zeros((2, 10, 3, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="3 heads of 16 are not powers of two"):
+        qkv_into_cache(three_heads[0], *args, three_heads[1], three_heads[1], start=0, rows=4, interpret=True)
     with pytest.raises(ValueError, match="does not fit the cache"):
         qkv_into_cache(qkv, *args, cache[:, :, :1], cache[:, :, :1], start=0, rows=4, interpret=True)

@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from infinity_jax.ops.attention import CUDNN_READ_TILE, attention, prefix_attention
 from infinity_jax.ops.layer_matmul import LayerKernel
+from infinity_jax.ops.qkv_cache import fits as qkv_fits
 from infinity_jax.ops.qkv_cache import qkv_into_cache
 from infinity_jax.ops.residual_norm import residual_norm
 from infinity_jax.ops.rope import normalized_rope
@@ -247,7 +248,8 @@ class SelfAttention(_Attention):
 
     q = normalize(x W_q + b_q) · exp(min(s_h, ln 100)), k = normalize(x W_k) (no key bias), v = x W_v + b_v;
     RoPE on q and k; softmax(q·k) v with scale 1; output projection. With a layer's own cache, RoPE and
-    `kernels="pallas"` (or "pallas_interpret"), q and the cache's new rows come from `ops.qkv_cache`'s one pass.
+    `kernels="pallas"` (or "pallas_interpret"), q and the cache's new rows come from `ops.qkv_cache`'s one pass
+    where its tiles fit (`ops.qkv_cache.fits`; else XLA's passes, the same numbers).
     """
 
     kernels: str = "xla"
@@ -280,7 +282,7 @@ class SelfAttention(_Attention):
         rows = (
             min(-(-(start + n) // CUDNN_READ_TILE) * CUDNN_READ_TILE, cache[0].shape[1]) - start if layer_cache else n
         )
-        if layer_cache and rope is not None and self.kernels != "xla":
+        if layer_cache and rope is not None and self.kernels != "xla" and qkv_fits(h, hd):
             interpret = self.kernels == "pallas_interpret"
             q, *cache = qkv_into_cache(qkv, q_bias, v_bias, scale, *rope, *cache, start=start, rows=rows,
                                        interpret=interpret)  # fmt: skip

@@ -45,6 +45,7 @@ from infinity_jax.models.layers import (
 )
 from infinity_jax.ops.attention import CUDNN_BLOCK, IMPLEMENTATIONS
 from infinity_jax.ops.layer_matmul import LayerKernel
+from infinity_jax.ops.residual_norm import fits as residual_norm_fits
 from infinity_jax.ops.rope import rope_table
 from infinity_jax.schedules import Schedule, var_schedule
 
@@ -286,7 +287,8 @@ class Block(nn.Module):
         attn = drop_path(attn, rate, self.deterministic, self)
         if ctx.condition.memory is not None:
             ca_norm = AffineLayerNorm(c.embed_dim, name="ca_norm")
-            if cache is not None and c.generation_kernels != "xla":  # generation: no gradient needed
+            # Generation (no gradient needed), where Triton's tiles fit the width; else XLA's passes, same numbers.
+            if cache is not None and c.generation_kernels != "xla" and residual_norm_fits(c.embed_dim):
                 interpret = c.generation_kernels == "pallas_interpret"
                 x, h = ca_norm.residual(x, attn, gamma1, dtype, interpret=interpret)
             else:

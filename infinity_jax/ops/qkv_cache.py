@@ -25,6 +25,11 @@ from infinity_jax.ops.rope import NORM_EPS
 BLOCK_TOKENS = 4
 
 
+def fits(heads: int, head_dim: int) -> bool:
+    """Whether the kernel takes this head layout: Triton's tiles are powers of two (2B: 16 heads of 128)."""
+    return all(d & (d - 1) == 0 for d in (heads, head_dim))
+
+
 def _kernel(qkv_ref, q_bias_ref, v_bias_ref, scale_ref, cos_ref, sin_ref, k_in_ref, v_in_ref,
             q_ref, k_ref, v_ref, *, n: int, start: int, rows: int, tokens: int, heads: int, head_dim: int,
             cache_rows: int):  # fmt: skip
@@ -90,6 +95,8 @@ def qkv_into_cache(qkv, q_bias, v_bias, scale, cos, sin, cache_k, cache_v, *, st
     cache_rows = cache_k.shape[1]
     if three != 3 or cache_k.shape != (b, cache_rows, h, hd) or cache_v.shape != cache_k.shape:
         raise ValueError(f"qkv_into_cache: qkv {qkv.shape} does not fit the cache {cache_k.shape}")
+    if not fits(h, hd):
+        raise ValueError(f"qkv_into_cache: {h} heads of {hd} are not powers of two (Triton's tiles)")
     if not n <= rows <= cache_rows - start:
         raise ValueError(f"qkv_into_cache: rows {rows} must be in [{n}, {cache_rows - start}]")
     tokens = min(BLOCK_TOKENS, pl.next_power_of_2(rows))

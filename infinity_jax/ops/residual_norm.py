@@ -20,6 +20,12 @@ from jax.experimental.pallas import triton as pltriton
 BLOCK_ROWS = 4
 
 
+def fits(width: int) -> bool:
+    """Whether rows of `width` channels fit the kernel: Triton's tiles are powers of two (the 2B model's 2048;
+    not 8B's 3584)."""
+    return width & (width - 1) == 0
+
+
 def _kernel(x_ref, branch_ref, gate_ref, mul_ref, add_ref, x_out_ref, h_out_ref, *, eps: float):
     x = x_ref[...] + branch_ref[...].astype(jnp.float32) * gate_ref[...]
     x_out_ref[...] = x
@@ -44,6 +50,8 @@ def residual_norm(x, branch, gate, mul, add, *, eps: float, out_dtype=jnp.bfloat
     b, n, c = x.shape
     if x.dtype != jnp.float32 or branch.shape != x.shape:
         raise ValueError(f"residual_norm: x {x.shape} {x.dtype} must be float32 and match branch {branch.shape}")
+    if not fits(c):
+        raise ValueError(f"residual_norm: {c} channels are not a power of two (Triton's tiles)")
     rows = BLOCK_ROWS if n % BLOCK_ROWS == 0 else 1  # a program's rows belong to one batch element
     per_batch = n // rows
     modulation = [jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1, c), (b, c)) for t in (gate, mul, add)]
