@@ -219,9 +219,10 @@ def compile_tokenizer_step(config: ml_collections.ConfigDict, devices, mesh_size
 
 
 def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: dict[str, int], template: float,
-                       batch: int = 1, text_tokens: int = 32):  # fmt: skip
+                       batch: int = 1, text_tokens: int = 32, generation_kernels: str = "xla"):  # fmt: skip
     """Lowers and compiles one guided generation (all scales, then the tokenizer's decode) for `devices`, with the
-    transformer's parameters sharded by the config's rules. Returns (compiled, Report)."""
+    transformer's parameters sharded by the config's rules; `generation_kernels` as `TransformerConfig`'s (on GPUs,
+    "pallas" compiles the one-pass Triton kernels too). Returns (compiled, Report)."""
     from infinity_jax.generate import Static, _generate, _one_device, for_inference
     from infinity_jax.models.transformer import Infinity
 
@@ -229,6 +230,7 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
     setup = trainer.build(config, mesh)
     # What generation runs: bf16 blocks, and on one Hopper GPU their gemms reading the stacked weights in place.
     params, model_config = for_inference(setup.abstract_state.params, setup.step_config.model)
+    model_config = dataclasses.replace(model_config, generation_kernels=generation_kernels)
     schedule = schedules.infinity_schedule(template, config.schedule.resolution)
     frozen = frozen_towers.abstract(config, mesh, setup.step_config)
     static = Static(model_config, schedule, batch, guided=True, known=False, return_logits=False,
@@ -332,7 +334,7 @@ def main(config):
         devices = topology_devices(f.topology)
         mesh = parse_mesh(f.mesh)
         compile_fn = _compile_fn(config, f.generate)
-        extra = {"batch": f.generate_batch} if f.generate else {}
+        extra = {"batch": f.generate_batch, "generation_kernels": f.generation_kernels} if f.generate else {}
         compiled, report = compile_fn(config, devices, mesh, f.template, **extra)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
@@ -359,5 +361,12 @@ if __name__ == "__main__":
     flags.DEFINE_float("mfu", 0.45, "MFU assumed for the predicted step time.")
     flags.DEFINE_bool("generate", False, "Compile one guided generation (32 text tokens) instead.")
     flags.DEFINE_integer("generate_batch", 1, "Images per guided generation (each with its unguided twin).")
+    flags.DEFINE_enum(
+        "generation_kernels",
+        "xla",
+        ["xla", "pallas"],
+        "With --generate: XLA's passes, or the one-pass "
+        "Pallas kernels around the self-attention (GPU topologies, unrolled blocks).",
+    )
     flags.DEFINE_string("dump_hlo", "", "Write the optimized HLO of the compiled program to this file.")
     cli.run(main)
