@@ -4,7 +4,7 @@ q·k·v projection (GPU, Pallas/Triton).
 Cosine attention normalizes each head's query and key, scales the queries and turns both by RoPE; the values
 take their bias; then keys and values land in the KV cache at the scale's rows, followed by zeros up to the end of
 cuDNN's last read tile (`CUDNN_READ_TILE`). XLA does this in six kernels per layer: the query and key lengths
-(two reductions), the rotation, the value bias, and the two cache writes. At 1024²'s last scale that is ~131 µs
+(two reductions), the rotation, a small fourth, and the two cache writes. At 1024²'s last scale that is ~131 µs
 per layer on an H100 for ~60 µs of traffic, and at the small scales six launches where one does. Here each
 program reads whole tokens (every head), so the projection is read once and each output written once.
 `interpret=True` runs the same kernel on CPU (how it is tested).
