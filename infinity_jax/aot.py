@@ -365,8 +365,8 @@ if __name__ == "__main__":
         "generation_kernels",
         "xla",
         ["xla", "pallas"],
-        "With --generate: XLA's passes, or the one-pass "
-        "Pallas kernels around the self-attention (GPU topologies, unrolled blocks).",
+        "With --generate: XLA's passes, or the one-pass Pallas kernels around the self-attention (GPU topologies, "
+        "unrolled blocks).",
     )
     flags.DEFINE_string("dump_hlo", "", "Write the optimized HLO of the compiled program to this file.")
     cli.run(main)

@@ -229,10 +229,9 @@ GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
-def compiler_options(device) -> dict:
-    """The XLA options generation compiles with: `GPU_COMPILER_OPTIONS` on GPUs, else none. device: the one device
-    that holds the parameters (`_one_device`), or None (several, or uncommitted: the default backend's)."""
-    platform = jax.default_backend() if device is None else device.platform
+def compiler_options(platform: str) -> dict:
+    """The XLA options generation compiles with on `platform` ("gpu", "cpu", …): `GPU_COMPILER_OPTIONS` on GPUs,
+    else none."""
     return dict(GPU_COMPILER_OPTIONS) if platform in _GPU_PLATFORMS else {}
 
 
@@ -337,13 +336,14 @@ def generate(
         if target_latent.shape[:3] != (batch, *grid):
             raise ValueError(f"target_latent must be [{batch}, {grid[0]}, {grid[1]}, d], got {target_latent.shape}")
     device = _one_device(params)  # walks every parameter: once per call
+    # Several devices, or uncommitted arrays: the default backend's.
     platform = jax.default_backend() if device is None else device.platform
     if config.generation_kernels == "pallas" and platform not in _GPU_PLATFORMS:
         raise ValueError(
             f"generation_kernels='pallas' runs Triton kernels, for GPUs; the parameters are on {platform} "
             "('pallas_interpret' runs them on CPU)"
         )
-    options = compiler_options(device) if xla_options is None else xla_options
+    options = compiler_options(platform) if xla_options is None else xla_options
     static = Static(
         config, schedule, batch, guided, known is not None, return_logits, cfg_layer if guided else 0, bool(patchify),
         progress, target_latent is not None, device is not None, tuple(sorted(options.items())),

@@ -521,7 +521,8 @@ def test_bad_input_raises_clear_errors():
 
 def test_generation_compiles_with_the_options_of_its_platform_or_the_given_ones():
     params, cond = random_params(TINY), conditioning(TINY)
-    assert compiler_options(jax.devices("cpu")[0]) == {}  # XLA's defaults; on GPUs generate.GPU_COMPILER_OPTIONS
+    assert compiler_options("cpu") == {}  # XLA's defaults
+    assert compiler_options("cuda") == {"xla_gpu_enable_triton_gemm": False}
     # The given options reach XLA: a name it does not know fails the compile, naming it.
     with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option: 'xla_no_such_option'"):
         generate(params, TINY, SQUARE, jax.random.key(0), **cond, xla_options={"xla_no_such_option": True})
