@@ -219,10 +219,11 @@ def compile_tokenizer_step(config: ml_collections.ConfigDict, devices, mesh_size
 
 
 def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: dict[str, int], template: float,
-                       batch: int = 1, text_tokens: int = 32, generation_kernels: str = "xla"):  # fmt: skip
+                       batch: int = 1, text_tokens: int = 32, generation_kernels: str | None = None):  # fmt: skip
     """Lowers and compiles one guided generation (all scales, then the tokenizer's decode) for `devices`, with the
     transformer's parameters sharded by the config's rules; `generation_kernels` as `TransformerConfig`'s (on GPUs,
-    "pallas" compiles the one-pass Triton kernels too). Returns (compiled, Report)."""
+    "pallas" compiles the one-pass Triton kernels too), None: what `for_inference` picks for the devices.
+    Returns (compiled, Report)."""
     from infinity_jax.generate import Static, _generate, _one_device, for_inference
     from infinity_jax.models.transformer import Infinity
 
@@ -230,7 +231,8 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
     setup = trainer.build(config, mesh)
     # What generation runs: bf16 blocks, and on one Hopper GPU their gemms reading the stacked weights in place.
     params, model_config = for_inference(setup.abstract_state.params, setup.step_config.model)
-    model_config = dataclasses.replace(model_config, generation_kernels=generation_kernels)
+    if generation_kernels is not None:
+        model_config = dataclasses.replace(model_config, generation_kernels=generation_kernels)
     schedule = schedules.infinity_schedule(template, config.schedule.resolution)
     frozen = frozen_towers.abstract(config, mesh, setup.step_config)
     static = Static(model_config, schedule, batch, guided=True, known=False, return_logits=False,
@@ -253,7 +255,8 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.step_config.rules):
         compiled = _compile(jax.jit(fn), args, mesh)
         analytic = flops.count_flops(fn, *args)
-    what = f"generate {schedule.name} batch {batch}, layer weights {model_config.layer_weights}"
+    what = (f"generate {schedule.name} batch {batch}, layer weights {model_config.layer_weights}, kernels "
+            f"{model_config.generation_kernels}")  # fmt: skip
     return compiled, _report(compiled, devices, mesh, what, analytic, setup)
 
 
@@ -334,7 +337,8 @@ def main(config):
         devices = topology_devices(f.topology)
         mesh = parse_mesh(f.mesh)
         compile_fn = _compile_fn(config, f.generate)
-        extra = {"batch": f.generate_batch, "generation_kernels": f.generation_kernels} if f.generate else {}
+        kernels = None if f.generation_kernels == "auto" else f.generation_kernels
+        extra = {"batch": f.generate_batch, "generation_kernels": kernels} if f.generate else {}
         compiled, report = compile_fn(config, devices, mesh, f.template, **extra)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
@@ -363,10 +367,10 @@ if __name__ == "__main__":
     flags.DEFINE_integer("generate_batch", 1, "Images per guided generation (each with its unguided twin).")
     flags.DEFINE_enum(
         "generation_kernels",
-        "xla",
-        ["xla", "pallas"],
-        "With --generate: XLA's passes, or the one-pass Pallas kernels around the self-attention (GPU topologies, "
-        "unrolled blocks).",
+        "auto",
+        ["auto", "xla", "pallas"],
+        "With --generate: what generate.for_inference picks for the topology (on one Hopper GPU: the Pallas kernels "
+        "for unrolled blocks), XLA's passes, or the one-pass Pallas kernels around the self-attention.",
     )
     flags.DEFINE_string("dump_hlo", "", "Write the optimized HLO of the compiled program to this file.")
     cli.run(main)

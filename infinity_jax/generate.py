@@ -179,8 +179,10 @@ def for_inference(params, config: TransformerConfig):
     stays float32. The block layout is the caller's: scanned blocks compile ~4× faster, and on one Hopper GPU their
     gemms read each layer's weights in place in the stacks (`layer_weights="in_place"`) rather than from the copies
     that XLA makes of every layer's slice at every scale; unrolled blocks (each layer's weights and KV cache its own)
-    generate ~10 % faster on an H100 (benchmarks/RESULTS.md, 2026-12-06). The one-pass Pallas kernels around the
-    self-attention (`generation_kernels="pallas"`) are the caller's choice until they are timed on a GPU.
+    generate ~10 % faster on an H100 (benchmarks/RESULTS.md, 2026-12-06), and on one Hopper GPU run the one-pass
+    Pallas kernels around their self-attention (`generation_kernels="pallas"`: 0.2641 s against 0.2665 s for a
+    1024² image on an H100, and 77 against 131 µs, 99 against 114 µs per layer at its last scale; RESULTS.md,
+    2026-12-07). Neither was measured with the other layout, so each stays with the one it was timed on.
     """
     config = dataclasses.replace(config, remat="none")
     if config.compute_dtype != jnp.float32:
@@ -188,8 +190,9 @@ def for_inference(params, config: TransformerConfig):
             **params,
             "blocks": jax.tree.map(functools.partial(_cast, dtype=config.compute_dtype), params["blocks"]),
         }
-        if config.scan_blocks and _in_place_pays(params["blocks"]):
-            config = dataclasses.replace(config, layer_weights="in_place")
+        if _on_one_hopper_gpu(params["blocks"]):
+            pick = dict(layer_weights="in_place") if config.scan_blocks else dict(generation_kernels="pallas")
+            config = dataclasses.replace(config, **pick)
     return params, config
 
 
@@ -200,9 +203,10 @@ def _cast(x, dtype):
     return jnp.asarray(x, dtype)
 
 
-def _in_place_pays(blocks) -> bool:
-    """Whether the blocks' weights lie on one Hopper GPU (compute capability 9.x): where `ops.layer_matmul` was
-    measured and its tiles fit (their shared memory exceeds an A100's), and where XLA need not partition it."""
+def _on_one_hopper_gpu(blocks) -> bool:
+    """Whether the blocks' weights lie on one Hopper GPU (compute capability 9.x): where the Pallas kernels were
+    measured and `ops.layer_matmul`'s tiles fit (their shared memory exceeds an A100's), and where XLA need not
+    partition them."""
     device = _one_device(blocks)
     capability = getattr(device, "compute_capability", None)  # CUDA devices only, e.g. "9.0"
     return (
@@ -224,7 +228,8 @@ def _one_device(tree):
 # (with them on, the GELU after fc1 is a kernel of its own). Measured on an H100 over a 2B block's six gemms at the
 # rows of each 1024² scale: cuBLAS alone is faster at 9 of 12 row counts (168 µs per layer at the last scale,
 # ~0.37 ms per layer over the 13 scales), even at 8 rows, slower at 2 and 288 (26 and 12 µs); the FFN at 8192
-# rows takes 0.721 ms against 0.805 (benchmarks/RESULTS.md, 2026-12-07).
+# rows takes 0.721 ms against 0.805. A whole 1024² generation with decode: 0.2665 s against 0.2716–0.2729 s with
+# XLA's defaults in earlier calls on the same GPU kind (benchmarks/RESULTS.md, 2026-12-07).
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 

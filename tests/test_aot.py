@@ -100,7 +100,7 @@ def test_guided_generation_compiles_for_an_h200_with_in_place_layer_gemms():
     config = load_config_file(TINY + ",res=0.016M")
     config.model.update(scan_blocks=True, dtype="bfloat16")
     _, report = aot.compile_generation(config, devices, {}, 1.0, generation_kernels="pallas")
-    assert report.schedule.endswith("layer weights in_place") and report.fits
+    assert report.schedule.endswith("layer weights in_place, kernels pallas") and report.fits
     schedule = aot.schedules.infinity_schedule(1.0, config.schedule.resolution)
     # One Triton layer_matmul per dense layer of each block at each scale: q·k·v, proj, cross q, proj, fc1, fc2 (the
     # cross-attention's keys and values of the caption are projected once per generation), and the one-pass
@@ -110,6 +110,25 @@ def test_guided_generation_compiles_for_an_h200_with_in_place_layer_gemms():
     assert kernels.unknown_trips == 0 and kernels.collective_bytes == 0
     assert kernels.launches["conv"] > 0 and kernels.written["fusion"] > 0  # the tokenizer's decode
     assert "kernels launched per call" in "\n".join(report.lines(0.45))
+
+
+def test_inference_layout_on_one_hopper_gpu_is_what_was_measured_for_each_block_layout():
+    from infinity_jax.generate import for_inference
+    from infinity_jax.models.transformer import TransformerConfig
+
+    def picks(topology, scan_blocks):
+        devices = _devices(topology)
+        sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("data",)), jax.P())
+        params = {"blocks": {"kernel": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=sharding)}}
+        config = TransformerConfig.from_size("infinity_2b", dtype="bfloat16", scan_blocks=scan_blocks)
+        cast, config = for_inference(params, config)
+        assert cast["blocks"]["kernel"].dtype == jax.numpy.bfloat16
+        return config.layer_weights, config.generation_kernels
+
+    # Scanned blocks read the stacked weights in place; unrolled ones run the one-pass kernels (RESULTS.md).
+    assert picks("h100:1", scan_blocks=True) == ("in_place", "xla")
+    assert picks("h100:1", scan_blocks=False) == ("slice", "pallas")
+    assert picks("h100:2", scan_blocks=False) == ("slice", "xla")  # two GPUs: XLA partitions the program
 
 
 def test_fsdp_over_four_gpus_shards_the_state_and_gathers_the_weights_and_updates_them_in_place():
