@@ -91,7 +91,8 @@ def main(argv=None):
     parser.add_argument(
         "--generation-kernels",
         choices=["xla", "pallas"],
-        help="the one-pass Pallas kernels around the self-attention (ops.qkv_cache, ops.residual_norm), or XLA's",
+        help="override generate.for_inference's choice: the one-pass Pallas kernels around the self-attention "
+        "(ops.qkv_cache, ops.residual_norm), or XLA's",
     )
     parser.add_argument(
         "--xla-options",

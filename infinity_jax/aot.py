@@ -229,7 +229,8 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
 
     mesh = slice_mesh(config, devices, mesh_sizes)
     setup = trainer.build(config, mesh)
-    # What generation runs: bf16 blocks, and on one Hopper GPU their gemms reading the stacked weights in place.
+    # What generation runs: bf16 blocks, and on one Hopper GPU scanned blocks' gemms reading the stacked weights in
+    # place, unrolled blocks' one-pass kernels around the self-attention.
     params, model_config = for_inference(setup.abstract_state.params, setup.step_config.model)
     if generation_kernels is not None:
         model_config = dataclasses.replace(model_config, generation_kernels=generation_kernels)
