@@ -243,12 +243,12 @@ def compile_generation(config: ml_collections.ConfigDict, devices, mesh_sizes: d
     def spec(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
 
-    rows, k = 2 * batch, schedule.num_scales
+    k = schedule.num_scales
     if model_config.cond == "text":
-        cond = (spec((rows, text_tokens, model_config.text_dim), np.float32), spec((rows, text_tokens), bool), None)
+        cond = (spec((batch, text_tokens, model_config.text_dim), np.float32), spec((batch, text_tokens), bool), None)
     else:
-        cond = (None, None, spec((rows,), np.int32))
-    args = (params, spec((), jax.random.key(0).dtype), *cond, spec((rows,), bool),
+        cond = (None, None, spec((batch,), np.int32))
+    args = (params, spec((), jax.random.key(0).dtype), *cond, None, None,
             spec((k,), np.float32), spec((k,), np.float32), spec((), np.int32), spec((), np.float32), None,
             frozen.tokenizer, None)  # fmt: skip
     Infinity(model_config).check_schedule(schedule)

@@ -116,16 +116,34 @@ def _residual_bits(target, latent, grid, last: bool, patchify: bool):
     return pixel_unshuffle(bits) if patchify else bits
 
 
-def _generate(params, key, text, text_mask, labels, drop, cfg, tau, top_k, top_p, known, tokenizer, target,
-              static: Static):  # fmt: skip
+def _guidance_rows(text, text_mask, labels, negative_text, negative_mask, guided: bool):
+    """The conditioning rows: with guidance [cond; uncond] (2·batch rows), the unconditional half the negative
+    prompts (padded to a common length), else the prompts again (or the labels) marked in `drop` [2·batch] to
+    take the learned empty caption (or the null class). Runs inside the compiled generation: run eagerly before
+    it, the concatenations were launches of their own in every call."""
+    if not guided:
+        return text, text_mask, labels, None
+    if negative_text is not None:
+        length = max(text.shape[1], negative_text.shape[1])
+        text = jnp.concatenate([_pad_to(text, length), _pad_to(negative_text, length)])
+        return text, jnp.concatenate([_pad_to(text_mask, length), _pad_to(negative_mask, length)]), None, None
+    batch = (labels if text is None else text).shape[0]
+    drop = np.arange(2 * batch) >= batch
+    if text is not None:
+        return jnp.concatenate([text, text]), jnp.concatenate([text_mask, text_mask]), None, drop
+    return None, None, jnp.concatenate([labels, labels]), drop
+
+
+def _generate(params, key, text, text_mask, labels, negative_text, negative_mask, cfg, tau, top_k, top_p, known,
+              tokenizer, target, static: Static):  # fmt: skip
     c, schedule, batch = static.config, static.schedule, static.batch
     model = Infinity(c)
 
     def apply(*args, method, **kwargs):
         return model.apply({"params": params}, *args, method=method, **kwargs)
 
-    # With guidance the conditioning rows are [cond; uncond] (2·batch), prepared by `generate`.
-    condition = apply(text, text_mask, labels, drop, method=Infinity.condition)
+    rows = _guidance_rows(text, text_mask, labels, negative_text, negative_mask, static.guided)
+    condition = apply(*rows, method=Infinity.condition)
     if condition.memory is not None:
         memory_kv = MemoryKV(c).apply({"params": params["blocks"]}, condition.memory)
         condition = condition.replace(memory_kv=memory_kv)
@@ -318,22 +336,14 @@ def generate(
     if not -config.depth < cfg_layer <= 0:
         raise ValueError(f"cfg_layer must be 0 (guidance on logits) or in [-{config.depth - 1}, -1], got {cfg_layer}")
     batch = (labels if text is None else text).shape[0]
-    drop = None
-    if guided and negative_text is not None:
+    if not guided:
+        negative_text = negative_mask = None  # as the official sampler: no cfg, no uncond branch
+    if negative_text is not None:
         if config.cond != "text":
             raise ValueError("negative prompts need a text-conditional model")
         negative_text, negative_mask, _ = check_conditioning(config, negative_text, negative_mask, None)
         if negative_text.shape[0] != batch:
             raise ValueError(f"negative prompts: {negative_text.shape[0]} rows for a batch of {batch}")
-        length = max(text.shape[1], negative_text.shape[1])
-        text = jnp.concatenate([_pad_to(text, length), _pad_to(negative_text, length)])
-        text_mask = jnp.concatenate([_pad_to(text_mask, length), _pad_to(negative_mask, length)])
-    elif guided:  # the unconditional half: the learned empty caption (same lengths) or the null class
-        drop = np.arange(2 * batch) >= batch
-        if text is not None:
-            text, text_mask = jnp.concatenate([text, text]), jnp.concatenate([text_mask, text_mask])
-        else:
-            labels = jnp.concatenate([labels, labels])
     known = known_tokens(teacher_bits, known_bits, known_masks, schedule, batch, (config.bits,), "bits")
     if target_latent is not None:
         grid = (schedule.upsampled(2) if patchify else schedule).grid
@@ -353,11 +363,21 @@ def generate(
         config, schedule, batch, guided, known is not None, return_logits, cfg_layer if guided else 0, bool(patchify),
         progress, target_latent is not None, device is not None, tuple(sorted(options.items())),
     )  # fmt: skip
-    top_k, top_p = np.int32(top_k), np.float32(top_p)
+    sampling = _sampling_setting(
+        tuple(cfg_values.tolist()), tuple(tau_values.tolist()), int(top_k), float(top_p), device
+    )
     return _compiled(static)(
-        params, key, text, text_mask, labels, drop, cfg_values, tau_values, top_k, top_p, known, tokenizer,
-        target_latent,
+        params, key, text, text_mask, labels, negative_text, negative_mask, *sampling, known, tokenizer, target_latent
     )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _sampling_setting(cfg: tuple[float, ...], tau: tuple[float, ...], top_k: int, top_p: float, device):
+    """(cfg [K], tau [K], top_k, top_p) on `device` (None: uncommitted), made once per distinct setting: passed as
+    host values they were four transfers at the start of every call (~1 ms before a 1024² image's first kernel on
+    an H100, benchmarks/RESULTS.md 2026-12-08)."""
+    host = (np.asarray(cfg, np.float32), np.asarray(tau, np.float32), np.int32(top_k), np.float32(top_p))
+    return jax.device_put(host, device)
 
 
 def known_tokens(teacher, values, masks, schedule: Schedule, batch: int, tail: tuple[int, ...], what: str):

@@ -445,8 +445,9 @@ def test_bf16_generation_decodes_in_bf16_as_the_official_sampler():
         params, config = for_inference(random_params(TINY_CLASS), dataclasses.replace(TINY_CLASS, dtype=precision))
         static = Static(config, schedule, batch=2, guided=False, known=False, return_logits=False)
         ones = jnp.ones(schedule.num_scales)
-        args = (params, jax.random.key(0), None, None, jnp.array([1, 2]), None, ones, ones, 0, 0.0, None, tokenizer)
-        jaxpr = jax.make_jaxpr(functools.partial(_generate, static=static))(*args, None).jaxpr
+        no = None
+        args = (params, jax.random.key(0), no, no, jnp.array([1, 2]), no, no, ones, ones, 0, 0.0, no, tokenizer, no)
+        jaxpr = jax.make_jaxpr(functools.partial(_generate, static=static))(*args).jaxpr
         return {str(e.invars[0].aval.dtype) for e in _equations(jaxpr) if e.primitive.name == "conv_general_dilated"}
 
     assert conv_dtypes("bfloat16") == {"bfloat16"}  # the tokenizer itself is float32
