@@ -11,8 +11,9 @@ parameters are materialised. The report gives the per-chip memory (arguments, ou
 against the chip's HBM), the compiler's FLOPs per step against our analytic count, the predicted step time at a
 stated MFU, the kernels one call launches (`kernels.inventory`) and the sharding of the largest arrays. A step
 that does not fit (the compiler refuses it, or the total exceeds the chip's memory) exits non-zero with what to
-change. The compiler's FLOPs count a scanned loop's body once, so for `scan_blocks` layouts it is far below the
-analytic count; the analytic count is the one used for time and MFU.
+change. With `--config.data.precomputed=True` the step is the one that trains on `data.precompute`'s records:
+latents and T5 features in the batch, no frozen towers. The compiler's FLOPs count a scanned loop's body once, so
+for `scan_blocks` layouts it is far below the analytic count; the analytic count is the one used for time and MFU.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ import numpy as np
 from absl import flags
 
 from infinity_jax import cli, flops, kernels, schedules, sharding
+from infinity_jax import config as config_lib
 from infinity_jax.train import frozen as frozen_towers
 from infinity_jax.train import trainer
+from infinity_jax.train.step import Frozen
 
 GIB = 1 << 30
 # HBM per chip (datasheets), by jax device_kind; "lite" kinds first: "TPU v5" is a prefix of "TPU v5 lite".
@@ -109,12 +112,19 @@ def slice_mesh(config: ml_collections.ConfigDict, devices, mesh_sizes: dict[str,
 
 
 def abstract_batch(config: ml_collections.ConfigDict, schedule: schedules.Schedule) -> dict:
-    """The host batch's shapes for one schedule (what the input pipeline delivers)."""
-    b = config.train.batch_size
-    batch = {"image": jax.ShapeDtypeStruct((b, *schedule.pixel_size, 3), np.uint8)}
+    """The host batch's shapes for one schedule (what the input pipeline delivers): images and caption tokens, or
+    with `data.precomputed` the tokenizer's latents and T5 features (`data.precompute`'s records)."""
+    b, t = config.train.batch_size, config.text.max_length
+    if config.data.precomputed:
+        layout = config_lib.tokenizer_layout(config.tokenizer)
+        grid = (schedule.upsampled(2) if layout.patchify else schedule).grid
+        batch = {"latent": jax.ShapeDtypeStruct((b, *grid, layout.bits), np.float32)}
+        text = {"text": jax.ShapeDtypeStruct((b, t, config.model.text_dim), np.float32)}
+    else:
+        batch = {"image": jax.ShapeDtypeStruct((b, *schedule.pixel_size, 3), np.uint8)}
+        text = {"tokens": jax.ShapeDtypeStruct((b, t), np.int32)}
     if config.model.cond == "text":
-        t = config.text.max_length
-        batch.update(tokens=jax.ShapeDtypeStruct((b, t), np.int32), text_mask=jax.ShapeDtypeStruct((b, t), bool))
+        batch.update(text, text_mask=jax.ShapeDtypeStruct((b, t), bool))
     else:
         batch["label"] = jax.ShapeDtypeStruct((b,), np.int32)
     return batch
@@ -186,7 +196,8 @@ def compile_train_step(config: ml_collections.ConfigDict, devices, mesh_sizes: d
     mesh = slice_mesh(config, devices, mesh_sizes)
     setup = trainer.build(config, mesh)
     schedule = schedules.infinity_schedule(template, config.schedule.resolution)
-    frozen = frozen_towers.abstract(config, mesh, setup.step_config)
+    # As the trainer: precomputed latents and T5 features leave the frozen towers off the device.
+    frozen = Frozen() if config.data.precomputed else frozen_towers.abstract(config, mesh, setup.step_config)
     batch = abstract_batch(config, schedule)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=setup.batch_sharding) for k, v in batch.items()}
     jitted, fn = trainer.jit_step(setup, schedule, jax.tree.map(lambda x: x.sharding, frozen), batch)

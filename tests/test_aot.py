@@ -29,8 +29,9 @@ def _devices(name):
 def test_tiny_train_step_compiles_for_v5e_and_reports_memory():
     devices = _devices("v5e:2x2")
     assert len(devices) == 4 and aot.hbm_bytes(devices[0]) == 16 << 30
-    _, report = aot.compile_train_step(load_config_file(TINY), devices, aot.parse_mesh("data=2,fsdp=2"), 1.0)
+    compiled, report = aot.compile_train_step(load_config_file(TINY), devices, aot.parse_mesh("data=2,fsdp=2"), 1.0)
     assert report.mesh == {"data": 2, "fsdp": 2, "tensor": 1} and report.chips == 4
+    assert "convolution(" in compiled.as_text()  # the frozen tokenizer encodes the batch's images in the step
     assert 0 < report.argument_bytes < 1 << 28 and report.temp_bytes > 0 and report.fits
     # The compiler's per-chip count (which also sees element-wise work) against our analytic count of matmuls
     # and convolutions over all chips: the same order.
@@ -136,6 +137,7 @@ def test_inference_layout_on_one_hopper_gpu_is_what_was_measured_for_each_block_
 def test_fsdp_over_four_gpus_shards_the_state_and_gathers_the_weights_and_updates_them_in_place():
     devices = _devices("h100:4")
     config = load_config_file(TINY)
+    config.data.precomputed = True  # latents and T5 features in the batch, as `data.precompute` writes them
     compiled, data = aot.compile_train_step(config, devices, aot.parse_mesh("data=4,fsdp=1"), 1.0)
     _, fsdp = aot.compile_train_step(config, devices, aot.parse_mesh("data=1,fsdp=4"), 1.0)
     # Data parallelism keeps each weight whole on every GPU, FSDP a quarter of it.
@@ -152,6 +154,7 @@ def test_fsdp_over_four_gpus_shards_the_state_and_gathers_the_weights_and_update
     # Fused with the metrics' norms, the update kernels could not: each was written to a temporary and copied into
     # place (87 copies for one GPU).
     hlo = compiled.as_text()
+    assert not re.search(r"convolution\(|cudnn\$conv", hlo)  # no frozen tokenizer in a precomputed run's step
     copies = re.findall(r"= (f32\[[\d,]*\])\{[^}]*\} copy\(", hlo[hlo.index("\nENTRY") :])
     assert len(copies) <= 2, copies
 
