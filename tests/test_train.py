@@ -185,7 +185,7 @@ def _metrics(workdir):
 
 
 def test_sigterm_then_resume_is_exact_and_compiles_nothing_again(tmp_path):
-    steps = 24
+    steps = 12
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # and conftest's XLA_FLAGS
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # each run keeps its compilations in its workdir
     subprocess.run(_train_command(tmp_path / "straight", steps), check=True, env=env, capture_output=True)
