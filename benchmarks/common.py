@@ -44,9 +44,9 @@ def report(title: str, description: str, table_lines: list[str], results: str | 
 def kernel_profile(fn, logdir: str, top: int = 16) -> list[str]:
     """Traces one call of fn() and sums the GPU time of its kernels by name.
 
-    Returns markdown rows: total device ms, then the `top` kernels (ms, share, calls), and the share of each
-    family (matmul, attention, fused element-wise, copies), so that a table explains where a step's time goes.
-    Every kernel's total is also written to `logdir/kernels.tsv`.
+    Returns markdown rows: total device ms, the timeline's idle time (`_idle_rows`), then the `top` kernels (ms,
+    share, calls), and the share of each family (matmul, attention, fused element-wise, copies), so that a table
+    explains where a step's time goes. Every kernel's total is also written to `logdir/kernels.tsv`.
     """
     import collections
     import glob
@@ -68,11 +68,14 @@ def kernel_profile(fn, logdir: str, top: int = 16) -> list[str]:
     if not devices:  # say what the trace holds instead of an empty table
         names = [e["args"].get("name") for e in trace["traceEvents"] if e.get("name") == "process_name"]
         return [f"| no GPU in the trace; processes: {names} | | |"]
+    events = sorted(
+        (e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("pid") in devices and "dur" in e),
+        key=lambda e: e["ts"],
+    )
     by_name, calls = collections.Counter(), collections.Counter()
-    for e in trace["traceEvents"]:
-        if e.get("ph") == "X" and e.get("pid") in devices and "dur" in e:
-            by_name[e["name"]] += e["dur"] / 1e3
-            calls[e["name"]] += 1
+    for e in events:
+        by_name[e["name"]] += e["dur"] / 1e3
+        calls[e["name"]] += 1
     total = sum(by_name.values()) or 1.0
     families = collections.Counter()
     for name, ms in by_name.items():
@@ -81,13 +84,43 @@ def kernel_profile(fn, logdir: str, top: int = 16) -> list[str]:
         f.write("ms\tcalls\tfamily\tkernel\n")
         for name, ms in by_name.most_common():
             f.write(f"{ms:.4f}\t{calls[name]}\t{_kernel_family(name)}\t{name}\n")
-    rows = [f"| device total | {total:.2f} ms | |", "|---|---|---|"]
+    rows = [f"| device total | {total:.2f} ms | |", "|---|---|---|", *_idle_rows(events)]
     rows += [f"| {family} | {ms:.2f} ms | {ms / total:.0%} |" for family, ms in families.most_common()]
     rows += [
         f"| `{name[:70]}` | {ms:.2f} ms | {ms / total:.0%} ({calls[name]} calls) |"
         for name, ms in by_name.most_common(top)
     ]
     return rows
+
+
+def _idle_rows(events: list[dict]) -> list[str]:
+    """Where the GPU timeline of one call (trace events in time order, µs) is idle: the wait for its first kernel
+    after the arguments' copies, the gaps next to memsets (libraries zeroing a workspace inside a CUDA graph), and
+    the rest; and the kernel families the memsets precede."""
+    import collections
+    import itertools
+
+    def is_copy(e):
+        return "memcpy" in e["name"].lower()
+
+    def is_memset(e):
+        return "memset" in e["name"].lower()
+
+    first = next((i for i, e in enumerate(events) if not is_copy(e)), len(events))
+    gaps = [max(0.0, b["ts"] - a["ts"] - a["dur"]) for a, b in itertools.pairwise(events)]
+    start_wait = gaps[first - 1] if 0 < first < len(events) else 0.0
+    by_memset = sum(g for i, g in enumerate(gaps) if is_memset(events[i]) or is_memset(events[i + 1]))
+    memsets = [i for i, e in enumerate(events) if is_memset(e)]
+    before = collections.Counter(_kernel_family(events[i + 1]["name"]) for i in memsets if i + 1 < len(events))
+    span = (events[-1]["ts"] + events[-1]["dur"] - events[0]["ts"]) / 1e3 if events else 0.0
+    other = sum(gaps) - by_memset - start_wait
+    return [
+        f"| GPU span {span:.2f} ms: idle before the first kernel | {start_wait / 1e3:.2f} ms | after the arguments' copies |",
+        f"| idle next to memsets | {by_memset / 1e3:.2f} ms | {len(memsets)} memsets, before: "
+        + ", ".join(f"{family} {n}" for family, n in before.most_common())
+        + " |",
+        f"| idle elsewhere | {other / 1e3:.2f} ms | {len(gaps)} boundaries |",
+    ]
 
 
 def _kernel_family(name: str) -> str:
