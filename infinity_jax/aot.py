@@ -114,20 +114,21 @@ def slice_mesh(config: ml_collections.ConfigDict, devices, mesh_sizes: dict[str,
 def abstract_batch(config: ml_collections.ConfigDict, schedule: schedules.Schedule) -> dict:
     """The host batch's shapes for one schedule (what the input pipeline delivers): images and caption tokens, or
     with `data.precomputed` the tokenizer's latents and T5 features (`data.precompute`'s records)."""
-    b, t = config.train.batch_size, config.text.max_length
-    if config.data.precomputed:
+    b, precomputed = config.train.batch_size, config.data.precomputed
+    if precomputed:
         layout = config_lib.tokenizer_layout(config.tokenizer)
         grid = (schedule.upsampled(2) if layout.patchify else schedule).grid
         batch = {"latent": jax.ShapeDtypeStruct((b, *grid, layout.bits), np.float32)}
-        text = {"text": jax.ShapeDtypeStruct((b, t, config.model.text_dim), np.float32)}
     else:
         batch = {"image": jax.ShapeDtypeStruct((b, *schedule.pixel_size, 3), np.uint8)}
-        text = {"tokens": jax.ShapeDtypeStruct((b, t), np.int32)}
-    if config.model.cond == "text":
-        batch.update(text, text_mask=jax.ShapeDtypeStruct((b, t), bool))
+    if config.model.cond != "text":
+        return {**batch, "label": jax.ShapeDtypeStruct((b,), np.int32)}
+    t = config.text.max_length
+    if precomputed:
+        batch["text"] = jax.ShapeDtypeStruct((b, t, config.model.text_dim), np.float32)
     else:
-        batch["label"] = jax.ShapeDtypeStruct((b,), np.int32)
-    return batch
+        batch["tokens"] = jax.ShapeDtypeStruct((b, t), np.int32)
+    return {**batch, "text_mask": jax.ShapeDtypeStruct((b, t), bool)}
 
 
 @dataclasses.dataclass

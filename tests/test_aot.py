@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from infinity_jax import aot, kernels
+from infinity_jax import aot, kernels, schedules
 from infinity_jax.cli import load_config_file
 from infinity_jax.train import perceptual
 
@@ -39,6 +39,24 @@ def test_tiny_train_step_compiles_for_v5e_and_reports_memory():
     names = [name for name, _, _ in report.largest]
     assert "cfg_uncond" in names and any("fsdp" in spec for _, _, spec in report.largest)
     assert any(line.endswith("fits") for line in report.lines(0.45))
+
+
+@pytest.mark.parametrize("cond", ["text", "class"])
+def test_abstract_batch_holds_images_and_tokens_or_precomputed_latents_and_features(cond):
+    config = load_config_file(TINY.replace("batch=8", f"batch=8,cond={cond}"))
+    schedule = schedules.infinity_schedule(1.0, config.schedule.resolution)  # 64² pixels, a 4×4 latent (stride 16)
+
+    def shapes():
+        return {k: (v.shape, np.dtype(v.dtype).name) for k, v in aot.abstract_batch(config, schedule).items()}
+
+    condition = {"label": ((8,), "int32")}
+    if cond == "text":
+        condition = {"tokens": ((8, 32), "int32"), "text_mask": ((8, 32), "bool")}
+    assert shapes() == {"image": ((8, 64, 64, 3), "uint8"), **condition}
+    config.data.precomputed = True
+    if cond == "text":
+        condition = {"text": ((8, 32, config.model.text_dim), "float32"), "text_mask": ((8, 32), "bool")}
+    assert shapes() == {"latent": ((8, 4, 4, 16), "float32"), **condition}
 
 
 def test_guided_generation_compiles_with_sharded_parameters():
