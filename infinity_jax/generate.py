@@ -119,8 +119,8 @@ def _residual_bits(target, latent, grid, last: bool, patchify: bool):
 def _guidance_rows(text, text_mask, labels, negative_text, negative_mask, guided: bool):
     """The conditioning rows: with guidance [cond; uncond] (2·batch rows), the unconditional half the negative
     prompts (padded to a common length), else the prompts again (or the labels) marked in `drop` [2·batch] to
-    take the learned empty caption (or the null class). Runs inside the compiled generation: run eagerly before
-    it, the concatenations were launches of their own in every call."""
+    take the learned empty caption (or the null class). It runs inside the compiled generation because, run
+    eagerly before it, its concatenations were launches of their own in every call."""
     if not guided:
         return text, text_mask, labels, None
     if negative_text is not None:
